@@ -5,7 +5,7 @@ from setuptools import Extension, setup
 MODULES = ["_loop", "_pipe", "_http", "_conn"]
 
 extensions = [
-    Extension(f"expserver.{name}", [f"ext/{name}.pyx"], extra_compile_args=["-O2"])
+    Extension(f"expserver.{name}", [f"ext/expserver/{name}.pyx"], extra_compile_args=["-O2"])
     for name in MODULES
 ]
 

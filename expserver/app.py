@@ -1,0 +1,88 @@
+"""The request handler of one listener: virtual host, ACL, route, then the route's handler.
+
+This is the one Python call the connection makes per request (see ext/expserver/_conn.pyx).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import acl, config, routing, static
+from ._conn import error_body
+from .redirect import Redirect
+
+# Methods we know (RFC 9110 + PATCH): anything else is 501, as nginx does.
+KNOWN_METHODS = frozenset(
+    [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"]
+)
+_HTML = b"Content-Type: text/html\r\n"
+
+
+def error(status: int) -> tuple[int, bytes, bytes]:
+    return status, _HTML, error_body(status)
+
+
+def _not_yet(status: int) -> routing.Handler:
+    return lambda req: error(status)
+
+
+class Guarded:
+    """A handler behind ACLs (the server's, then the route's): each must admit the client."""
+
+    __slots__ = ("rules", "handler")
+
+    def __init__(self, rules: list[acl.Acl], handler: routing.Handler) -> None:
+        self.rules = rules
+        self.handler = handler
+
+    def __call__(self, req: Any) -> tuple[int, bytes, object]:
+        for rule in self.rules:
+            if not rule.allows(req.peer):
+                return error(403)
+        return self.handler(req)
+
+
+def route_handler(route: config.RouteConfig, server: config.ServerConfig) -> routing.Handler:
+    handler: routing.Handler
+    if route.type == "file_serve":
+        handler = static.FileServe(route).serve
+    elif route.type == "redirect":
+        handler = Redirect(route)
+    else:
+        # reverse_proxy and metrics are built by their own issues; until then the route
+        # answers as nginx does with no upstream available
+        handler = _not_yet(502 if route.type == "reverse_proxy" else 404)
+    rules = [rule for rule in (acl.Acl(server.ip_whitelist, server.ip_blacklist),
+                               acl.Acl(route.ip_whitelist, route.ip_blacklist))
+             if not rule.empty]
+    return Guarded(rules, handler) if rules else handler
+
+
+class App:
+    """Answers every request arriving on one listener."""
+
+    def __init__(self, servers: list[config.ServerConfig]) -> None:
+        self.hosts = routing.VirtualHosts([
+            (s.hostnames, routing.RouteTable([(r.req_path, route_handler(r, s))
+                                              for r in s.routes]))
+            for s in servers
+        ])
+
+    def __call__(self, req: Any) -> tuple[int, bytes, object]:
+        if req.method not in KNOWN_METHODS:
+            return error(501)
+        table = self.hosts.select(req.host)
+        if table is None:
+            return error(404)
+        path = req.path
+        if b"//" in path:
+            path = _collapse(path)
+        handler = table.match(path)
+        if handler is None:
+            return error(404)
+        return handler(req)
+
+
+def _collapse(path: bytes) -> bytes:
+    while b"//" in path:
+        path = path.replace(b"//", b"/")
+    return path

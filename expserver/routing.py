@@ -1,0 +1,53 @@
+"""Which server and which route answer a request (eXpServer's selection rules).
+
+Server: the first server on the listener whose ``hostnames`` is empty or holds the
+request's host (port ignored). No such server: 404.
+Route: the longest ``req_path`` that is a prefix of the path on ``/`` boundaries
+(``/api`` matches ``/api`` and ``/api/x``, not ``/api2``). No route: 404.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Handler = Callable[[Any], tuple[int, bytes, object]]
+
+
+class RouteTable:
+    """Routes of one server, longest prefix first, matched on raw path bytes."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Sequence[tuple[str, Handler]]) -> None:
+        # (prefix bytes without trailing "/", handler); "/" becomes b"" and matches all
+        table = [(path.rstrip("/").encode("utf-8"), handler) for path, handler in entries]
+        table.sort(key=lambda e: len(e[0]), reverse=True)
+        self._entries = tuple(table)
+
+    def match(self, path: bytes) -> Handler | None:
+        for prefix, handler in self._entries:
+            n = len(prefix)
+            if path.startswith(prefix) and (len(path) == n or path[n] == 47):  # "/"
+                return handler
+        return None
+
+
+class VirtualHosts:
+    """Servers sharing one listener, selected by Host."""
+
+    __slots__ = ("_servers", "_any")
+
+    def __init__(self, servers: Sequence[tuple[tuple[str, ...], Any]]) -> None:
+        self._servers = tuple(
+            (frozenset(h.lower().encode("idna") for h in names), server)
+            for names, server in servers
+        )
+        self._any = len(self._servers) == 1 and not self._servers[0][0]
+
+    def select(self, host: bytes) -> Any:
+        if self._any:
+            return self._servers[0][1]
+        for names, server in self._servers:
+            if not names or host in names:
+                return server
+        return None

@@ -1,0 +1,157 @@
+"""Running a config: bind every listener, then one worker loop or a master and N workers.
+
+Process model (nginx's): with ``workers: 1`` the process itself runs the loop. With more,
+the master binds the sockets, forks the workers (which inherit them), forwards TERM/INT/QUIT
+to them and respawns a worker that dies unexpectedly. Signal handlers only record the
+signal; the loop (or the master's wait loop) acts on it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from . import config
+from ._conn import Core, Listener, Settings
+from ._loop import Loop
+from .app import App
+
+BACKLOG = 4096
+DRAIN_SECONDS = 30.0      # graceful shutdown gives in-flight responses this long
+
+
+class StartupError(Exception):
+    """A one-line reason the server cannot start (port in use, bad address, ...)."""
+
+
+Address = tuple[str, int]
+
+
+def bind(cfg: config.Config) -> dict[Address, socket.socket]:
+    socks: dict[Address, socket.socket] = {}
+    try:
+        for server in cfg.servers:
+            for lc in server.listeners:
+                key = (lc.host, lc.port)
+                if key not in socks:
+                    socks[key] = _listen(lc.host, lc.port)
+    except StartupError:
+        for s in socks.values():
+            s.close()
+        raise
+    return socks
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on {where}: {e.strerror}") from None
+    family, kind, proto, _, addr = info[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {where}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def settings_of(cfg: config.Config) -> Settings:
+    return Settings(keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
+                    body_timeout=cfg.header_timeout, send_timeout=cfg.send_timeout,
+                    max_body_size=cfg.max_body_size)
+
+
+def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
+    loop = Loop()
+    core = Core(loop)
+    settings = settings_of(cfg)
+    listeners = []
+    for (host, port), sock in socks.items():
+        servers = [s for s in cfg.servers
+                   if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
+        listener = Listener(core, sock, App(servers), settings)
+        listener.start()
+        listeners.append(listener)
+
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGQUIT:
+            if core.draining:
+                return
+            for listener in listeners:
+                listener.stop()
+            core.drain()
+            if not core.connections:
+                loop.stop()
+            else:
+                loop.call_later(DRAIN_SECONDS, loop.stop)
+        else:
+            loop.stop()
+
+    loop.watch_signals([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], on_signal)
+    loop.run()
+    core.close_all()
+    return 0
+
+
+def serve(cfg: config.Config) -> int:
+    socks = bind(cfg)
+    for host, port in socks:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"expserver: listening on http://{shown}:{port}/", file=sys.stderr, flush=True)
+    if cfg.workers <= 1:
+        return run_worker(cfg, socks)
+    return Master(cfg, socks).run()
+
+
+class Master:
+    def __init__(self, cfg: config.Config, socks: dict[Address, socket.socket]) -> None:
+        self.cfg = cfg
+        self.socks = socks
+        self.children: set[int] = set()
+        self.stopping: int | None = None
+
+    def spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                signal.signal(s, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(self.cfg, self.socks)
+            finally:
+                os._exit(code)
+        self.children.add(pid)
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = signum
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(s, self.on_signal)
+        for _ in range(self.cfg.workers):
+            self.spawn()
+        print(f"expserver: master {os.getpid()} running {self.cfg.workers} workers",
+              file=sys.stderr, flush=True)
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            self.children.discard(pid)
+            if self.stopping is None:
+                print(f"expserver: worker {pid} died ({status:#x}); starting another",
+                      file=sys.stderr, flush=True)
+                self.spawn()
+        return 0

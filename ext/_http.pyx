@@ -1,0 +1,1 @@
+expserver/_http.pyx

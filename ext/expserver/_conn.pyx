@@ -1,0 +1,585 @@
+# cython: language_level=3
+"""Listeners and HTTP/1.1 connections: the per-request hot path.
+
+Theory of operation
+-------------------
+A ``Listener`` accepts (accept4, non-blocking, up to 64 per wake-up) and makes one
+``Connection`` per client. It pauses accepting for a moment on EMFILE/ENFILE instead of
+spinning, and when ``max_connections`` is reached.
+
+A ``Connection`` moves through phases::
+
+    HEAD --(head complete: dispatch, response queued)--> BODY (framing/discarding)
+      ^                                                   |
+      +------------------- body done --------------------+
+    any --(close wanted and pipe drained)--> LINGER --(EOF or deadline)--> closed
+
+Receive side: one malloc'd buffer ``rbuf[rstart:rend]`` per connection, allocated when
+bytes arrive and freed when the connection is idle (so an idle keep-alive connection
+holds no buffer). A head must fit in it (it grows up to the parser's limit).
+
+Dispatch: one Python call per request, ``handler(request) -> (status, headers, body)``
+(see expserver/response.py). Responses are queued in request order into the connection's
+``Pipe``; pipelined requests are parsed only while the pipe is under its threshold, and
+EPOLLIN is dropped while it is full (backpressure: a client that never reads costs one
+pipe's worth of memory, not its whole request stream).
+
+The connection owns framing: it adds Server, Date, Content-Length or Transfer-Encoding,
+and Connection, drops bodies for HEAD/1xx/204/304, and decides keep-alive. After a
+framing error it queues exactly one error response, stops parsing, and closes with a
+lingering close (shutdown(SHUT_WR), then read and discard until EOF or a deadline) so the
+client can read the answer instead of getting a reset.
+
+Deadlines (one per connection, see _loop): keep-alive idle; a total header deadline from
+the first byte of a head; body idle; send idle while output is blocked; linger.
+"""
+import email.utils
+import http
+import sys
+import time
+import traceback
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memmove
+from libc.stdint cimport uint32_t
+from expserver._sys cimport *
+from expserver._loop cimport Loop, Handle
+from expserver._pipe cimport Pipe, FLUSH_DONE, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._http cimport Parser, Request, AGAIN, DONE
+
+from expserver.response import FileRange
+
+cdef enum Phase:
+    P_HEAD = 0
+    P_BODY = 1
+    P_LINGER = 2
+    P_CLOSED = 3
+
+DEF RBUF_MIN = 16384
+DEF LINGER_SECONDS = 5.0
+DEF ACCEPT_BATCH = 64
+
+cdef bytes CRLF = b"\r\n"
+cdef bytes HEAD_METHOD = b"HEAD"
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes CONN_CLOSE = b"Connection: close\r\n"
+cdef bytes CONN_KEEP = b"Connection: keep-alive\r\n"
+cdef bytes TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+cdef bytes CT_HTML = b"Content-Type: text/html\r\n"
+cdef object _FileRange = FileRange
+
+# "HTTP/1.1 200 OK\r\nServer: eXpServer\r\nDate: " per status, built once
+cdef dict STATUS_LINES = {}
+cdef bytes SERVER_LINE = b"Server: eXpServer\r\nDate: "
+
+cdef bytes status_prefix(int status):
+    cdef bytes line = STATUS_LINES.get(status)
+    if line is None:
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii")) + SERVER_LINE
+        STATUS_LINES[status] = line
+    return line
+
+# --------------------------------------------------------------------- Date cache
+cdef bytes _date = b""
+cdef double _date_until = 0
+
+cdef inline bytes http_date(double now):
+    global _date, _date_until
+    if now >= _date_until:
+        wall = time.time()
+        _date = email.utils.formatdate(wall, usegmt=True).encode("ascii") + CRLF
+        _date_until = now + (1.0 - (wall % 1.0))
+    return _date
+
+
+def error_body(int status, str reason=None):
+    """The small HTML page sent with an error status."""
+    phrase = http.HTTPStatus(status).phrase
+    title = f"{status} {phrase}"
+    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+            f"<center><h1>{title}</h1></center>\r\n<hr><center>eXpServer</center>\r\n"
+            f"</body>\r\n</html>\r\n").encode("ascii")
+
+
+cdef class Stats:
+    """Counters of one worker (read by the metrics route)."""
+    cdef public long long conn_accepted, conn_current, conn_error, conn_timeout
+    cdef public long long conn_accepted_error
+    cdef public long long req_total, req_current
+    cdef public long long res_1xx, res_2xx, res_3xx, res_4xx, res_5xx
+    cdef public long long recv_bytes, send_bytes
+    cdef public double res_time_total, res_time_peak
+
+
+cdef class Settings:
+    """Per-listener limits and timeouts (seconds). Built once from the config."""
+    cdef public double keepalive_timeout, header_timeout, body_timeout, send_timeout
+    cdef public long long max_body_size
+    cdef public int max_line, max_field, max_head, max_fields
+    cdef public Py_ssize_t pipe_threshold
+    cdef public int max_connections
+
+    def __init__(self, keepalive_timeout=75.0, header_timeout=60.0, body_timeout=60.0,
+                 send_timeout=60.0, max_body_size=1048576, max_line=8192, max_field=8192,
+                 max_head=65536, max_fields=100, pipe_threshold=262144,
+                 max_connections=100000):
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.send_timeout = send_timeout
+        self.max_body_size = max_body_size
+        self.max_line = max_line
+        self.max_field = max_field
+        self.max_head = max_head
+        self.max_fields = max_fields
+        self.pipe_threshold = pipe_threshold
+        self.max_connections = max_connections
+
+
+cdef class Core:
+    """What all listeners of one worker share: the loop, counters, live connections."""
+    cdef public Loop loop
+    cdef public Stats stats
+    cdef public set connections
+    cdef public bint draining       # graceful shutdown: finish in-flight, accept nothing
+
+    def __init__(self, Loop loop):
+        self.loop = loop
+        self.stats = Stats()
+        self.connections = set()
+        self.draining = False
+
+    def drain(self):
+        """Graceful shutdown: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for c in list(self.connections):
+            (<Connection>c).drain()
+
+    def close_all(self):
+        for c in list(self.connections):
+            (<Connection>c).close()
+
+
+cdef str peer_string(sockaddr_storage *sa):
+    cdef char buf[64]
+    if sa.ss_family == AF_INET:
+        inet_ntop(AF_INET, &(<sockaddr_in *>sa).sin_addr, buf, 64)
+    elif sa.ss_family == AF_INET6:
+        inet_ntop(AF_INET6, &(<sockaddr_in6 *>sa).sin6_addr, buf, 64)
+    else:
+        return "unix"
+    return buf.decode("ascii")
+
+
+cdef class Listener(Handle):
+    """A listening socket; ``handler`` answers the requests of its connections."""
+    cdef public object sock          # the Python socket (kept open; we use its fd)
+    cdef public object handler
+    cdef public Settings settings
+    cdef Core core
+    cdef bint paused
+
+    def __init__(self, Core core, sock, handler, Settings settings):
+        self.core = core
+        self.loop = core.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.handler = handler
+        self.settings = settings
+        self.paused = False
+
+    def start(self):
+        self.paused = False
+        self.watch(EPOLLIN)
+
+    def stop(self):
+        self.unwatch()
+        self.set_deadline(0)
+
+    cdef int on_events(self, uint32_t events) except -1:
+        cdef sockaddr_storage sa
+        cdef socklen_t salen
+        cdef int cfd, i, one = 1
+        cdef Connection c
+        cdef Stats stats = self.core.stats
+        for i in range(ACCEPT_BATCH):
+            if stats.conn_current >= self.settings.max_connections:
+                self._pause(0.1)
+                return 0
+            salen = sizeof(sa)
+            cfd = accept4(self.fd, <sockaddr *>&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if cfd < 0:
+                if errno == EAGAIN or errno == EINTR or errno == ECONNABORTED:
+                    return 0
+                stats.conn_accepted_error += 1
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    self._pause(0.1)   # out of descriptors: wait, never spin
+                return 0
+            setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            c = Connection.__new__(Connection)
+            c.init(self, cfd, peer_string(&sa))
+        return 0
+
+    cdef void _pause(self, double seconds):
+        # the Listener stays alive through the server's reference while unregistered
+        if not self.paused:
+            self.paused = True
+            self.unwatch()
+            self.set_deadline(self.loop.now + seconds)
+
+    cdef int on_timeout(self) except -1:
+        if self.paused and not self.core.draining:
+            self.paused = False
+            self.watch(EPOLLIN)
+        return 0
+
+
+cdef class Connection(Handle):
+    cdef Listener listener
+    cdef Core core
+    cdef Settings settings
+    cdef public str peer
+    cdef unsigned char *rbuf
+    cdef Py_ssize_t rcap, rstart, rend
+    cdef Parser parser
+    cdef Pipe out
+    cdef int phase
+    cdef bint close_after      # close once the pipe drains
+    cdef bint read_eof         # the client shut its sending side
+    cdef double head_deadline  # total deadline of the head being read (0: none yet)
+    cdef double started        # when the current request's head was complete
+
+    cdef void init(self, Listener listener, int fd, str peer):
+        self.listener = listener
+        self.core = listener.core
+        self.settings = listener.settings
+        self.loop = listener.loop
+        self.fd = fd
+        self.peer = peer
+        self.parser = Parser(self.settings.max_line, self.settings.max_field,
+                             self.settings.max_head, self.settings.max_fields)
+        self.out = Pipe(self.settings.pipe_threshold)
+        self.phase = P_HEAD
+        self.core.connections.add(self)
+        self.core.stats.conn_accepted += 1
+        self.core.stats.conn_current += 1
+        self.watch(EPOLLIN)
+        self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+        if self.core.draining:
+            self.close_after = True
+
+    def __dealloc__(self):
+        if self.rbuf != NULL:
+            free(self.rbuf)
+
+    # ---------------------------------------------------------------- events
+    cdef int on_events(self, uint32_t events) except -1:
+        if events & EPOLLOUT:
+            self.flush()
+        if self.phase == P_CLOSED:
+            return 0
+        if events & EPOLLIN:
+            if self.phase == P_LINGER:
+                self.linger_read()
+            else:
+                self.read()
+        elif events & (EPOLLERR | EPOLLHUP):
+            self.close()
+        return 0
+
+    cdef int on_timeout(self) except -1:
+        if self.phase == P_LINGER or self.phase == P_CLOSED:
+            self.close()
+            return 0
+        self.core.stats.conn_timeout += 1
+        if not self.out.empty() or self.phase == P_BODY:
+            self.close()                      # send or body timeout: nothing to say
+        elif self.rend > self.rstart:
+            self.fail(408)                    # a head was started and not finished
+        else:
+            self.close()                      # keep-alive idle
+        return 0
+
+    def abort(self):
+        self.close()
+
+    cdef void drain(self):
+        self.close_after = True
+        if self.out.empty() and self.rend == self.rstart and self.phase == P_HEAD:
+            self.close()
+
+    # ---------------------------------------------------------------- reading
+    cdef int read(self) except -1:
+        cdef ssize_t n
+        if self.rbuf == NULL:
+            self.rbuf = <unsigned char *>malloc(RBUF_MIN)
+            if self.rbuf == NULL:
+                raise MemoryError()
+            self.rcap = RBUF_MIN
+            self.rstart = self.rend = 0
+        elif self.rend == self.rcap:
+            self.make_room()
+        n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
+        if n > 0:
+            if self.rend == self.rstart and self.phase == P_HEAD:
+                self.head_deadline = self.loop.now + self.settings.header_timeout
+            self.rend += n
+            self.core.stats.recv_bytes += n
+            self.process()
+        elif n == 0:
+            # the client shut its side: answer what is complete, then close (flush does)
+            self.read_eof = True
+            self.process()
+        elif errno != EAGAIN and errno != EINTR:
+            self.core.stats.conn_error += 1
+            self.close()
+        return 0
+
+    cdef int make_room(self) except -1:
+        cdef Py_ssize_t pending = self.rend - self.rstart
+        cdef unsigned char *grown
+        if self.rstart > 0:
+            memmove(self.rbuf, self.rbuf + self.rstart, pending)
+            self.rstart = 0
+            self.rend = pending
+        else:
+            # an unfinished head fills the buffer: grow it (the parser's limits end this)
+            grown = <unsigned char *>realloc(self.rbuf, self.rcap * 2)
+            if grown == NULL:
+                raise MemoryError()
+            self.rbuf = grown
+            self.rcap *= 2
+        return 0
+
+    cdef int process(self) except -1:
+        """Parse and answer what the buffer holds, while the pipe has room."""
+        cdef int rc
+        cdef Py_ssize_t used
+        cdef Request req
+        while self.rend > self.rstart and self.phase < P_LINGER and not self.out.full():
+            if self.phase == P_HEAD:
+                if self.close_after:
+                    break               # no new requests after a close was decided
+                rc = self.parser.scan_head(self.rbuf + self.rstart, self.rend - self.rstart)
+                if rc == AGAIN:
+                    break
+                if rc < 0:
+                    self.fail(-rc)
+                    break
+                req = self.parser.build(self.rbuf + self.rstart)
+                if req is None:
+                    self.fail(self.parser.error_status)
+                    break
+                self.rstart += self.parser.pos
+                self.parser.reset()
+                self.head_deadline = self.loop.now + self.settings.header_timeout
+                self.dispatch(req)
+            else:
+                used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
+                                             None)
+                if used < 0:
+                    # its response is already queued: one answer per request, then close
+                    self.close_after = True
+                    self.rstart = self.rend
+                    break
+                self.rstart += used
+                if self.parser.body_done():
+                    self.phase = P_HEAD
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+            if self.phase == P_HEAD and self.rbuf != NULL:
+                free(self.rbuf)             # idle: hold no buffer
+                self.rbuf = NULL
+        if self.phase < P_LINGER:
+            self.flush()
+        return 0
+
+    # ---------------------------------------------------------------- requests
+    cdef int dispatch(self, Request req) except -1:
+        cdef Stats stats = self.core.stats
+        cdef bint has_body = req.chunked or req.content_length > 0
+        stats.req_total += 1
+        self.started = self.loop.now
+        req.peer = self.peer
+        if has_body:
+            if 0 < self.settings.max_body_size < req.content_length:
+                self.respond_error(req, 413)
+                self.close_after = True
+                return 0
+            if req.expect_continue:
+                # the handler does not read bodies: answer now, and since we cannot know
+                # whether the client will send the body anyway, close afterwards
+                self.close_after = True
+            else:
+                self.parser.start_body(req)
+                self.phase = P_BODY
+        try:
+            result = self.listener.handler(req)
+            status, headers, body = result
+        except Exception:
+            print(f"expserver: error while handling {req!r}:", file=sys.stderr)
+            traceback.print_exc()
+            self.respond_error(req, 500)
+            self.close_after = True
+            return 0
+        self.respond(req, status, headers, body)
+        return 0
+
+    cdef int respond_error(self, Request req, int status) except -1:
+        self.respond(req, status, CT_HTML, error_body(status))
+        return 0
+
+    cdef int respond(self, Request req, int status, bytes headers, object body) except -1:
+        cdef bint close = self.close_after or not req.keep_alive or self.core.draining
+        cdef bint head_only = req.method is HEAD_METHOD or req.method == HEAD_METHOD
+        cdef object framing
+        cdef Stats stats = self.core.stats
+        cdef double elapsed
+        cdef type t = type(body)
+        if status < 200 or status == 204 or status == 304:
+            framing = b""
+            if t is _FileRange:
+                self.close_file(body)
+            body = None
+        elif t is bytes:
+            framing = b"Content-Length: %d\r\n" % len(<bytes>body)
+        elif body is None:
+            framing = b"Content-Length: 0\r\n"
+        elif t is _FileRange:
+            framing = b"Content-Length: %d\r\n" % body.length
+        elif req.version == 11:
+            framing = TE_CHUNKED
+        else:
+            framing = b""       # HTTP/1.0 stream: delimited by closing
+            close = True
+        if close:
+            self.close_after = True
+        self.out.push(b"".join([
+            status_prefix(status), http_date(self.loop.now), headers, framing,
+            CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]))
+        if head_only or body is None:
+            if t is _FileRange:
+                self.close_file(body)
+        elif t is bytes:
+            self.out.push(<bytes>body)
+        elif t is _FileRange:
+            if body.length > 0:
+                self.out.push_file(body.fd, body.offset, body.length)
+            else:
+                self.close_file(body)
+        else:
+            self.out.push_source(body, req.version == 11)
+        # counters
+        if status < 200:
+            stats.res_1xx += 1
+        elif status < 300:
+            stats.res_2xx += 1
+        elif status < 400:
+            stats.res_3xx += 1
+        elif status < 500:
+            stats.res_4xx += 1
+        else:
+            stats.res_5xx += 1
+        elapsed = self.loop.update_time() - self.started
+        stats.res_time_total += elapsed
+        if elapsed > stats.res_time_peak:
+            stats.res_time_peak = elapsed
+        return 0
+
+    cdef void close_file(self, object fr):
+        if fr.fd >= 0:
+            close(fr.fd)
+            fr.fd = -1
+
+    cdef int fail(self, int status) except -1:
+        """A request we cannot frame: one error response, then a lingering close."""
+        cdef Request req = Request.__new__(Request)
+        req.method = b"GET"
+        req.version = 11
+        req.keep_alive = False
+        self.started = self.loop.now
+        self.close_after = True
+        self.rstart = self.rend         # never parse another request from these bytes
+        self.phase = P_HEAD
+        self.respond(req, status, CT_HTML, error_body(status))
+        self.flush()
+        return 0
+
+    # ---------------------------------------------------------------- writing
+    cdef int flush(self) except -1:
+        cdef bint was_full = self.out.full()
+        cdef long long before = self.out.sent
+        cdef int r = self.out.flush(self.fd)
+        self.core.stats.send_bytes += self.out.sent - before
+        if r == FLUSH_ERROR:
+            self.core.stats.conn_error += 1
+            self.close()
+            return 0
+        if r == FLUSH_AGAIN:
+            # blocked: wait for room; keep reading only while the pipe has room
+            self.watch(EPOLLOUT if self.out.full() or self.read_eof else EPOLLIN | EPOLLOUT)
+            if self.out.sent != before or self.deadline == 0 or \
+                    self.deadline > self.loop.now + self.settings.send_timeout:
+                self.set_deadline(self.loop.now + self.settings.send_timeout)
+            return 0
+        # everything sent
+        if self.close_after:
+            self.start_linger()
+            return 0
+        if was_full and self.rend > self.rstart:
+            self.process()          # pipelined requests waited for room
+            return 0
+        if self.read_eof:
+            self.close()
+            return 0
+        self.watch(EPOLLIN)
+        if self.phase == P_BODY:
+            self.set_deadline(self.loop.now + self.settings.body_timeout)
+        elif self.rend > self.rstart:
+            self.set_deadline(self.head_deadline)
+        else:
+            self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+        return 0
+
+    cdef int start_linger(self) except -1:
+        if self.read_eof:
+            self.close()
+            return 0
+        shutdown(self.fd, SHUT_WR)
+        self.phase = P_LINGER
+        self.out.clear()
+        if self.rbuf != NULL:
+            free(self.rbuf)
+            self.rbuf = NULL
+        self.rstart = self.rend = 0
+        self.watch(EPOLLIN)
+        self.set_deadline(self.loop.now + LINGER_SECONDS)
+        return 0
+
+    cdef int linger_read(self) except -1:
+        cdef char buf[4096]
+        cdef ssize_t n = recv(self.fd, buf, sizeof(buf), 0)
+        if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+            self.close()
+        return 0
+
+    cdef void close(self):
+        if self.phase == P_CLOSED:
+            return
+        self.phase = P_CLOSED
+        self.unwatch()
+        self.set_deadline(0)
+        close(self.fd)
+        self.out.clear()
+        if self.rbuf != NULL:
+            free(self.rbuf)
+            self.rbuf = NULL
+        self.core.stats.conn_current -= 1
+        self.core.connections.discard(self)
+        if self.core.draining and not self.core.connections:
+            self.loop.stop()

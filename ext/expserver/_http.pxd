@@ -1,0 +1,59 @@
+# Declarations shared by the HTTP parser and the connection (see _http.pyx).
+
+cdef enum ParseResult:
+    AGAIN = 0    # need more bytes
+    DONE = 1     # a head (or a whole body) is complete
+    # negative values are -status: the error response to send, then close
+
+
+cdef class Request:
+    cdef public bytes method
+    cdef public bytes target
+    cdef public bytes path
+    cdef public bytes query
+    cdef public int version          # 10 or 11
+    cdef public list headers         # [(lower-case name, value), ...] in arrival order
+    cdef public bytes host           # lower-case, port stripped; b"" when absent
+    cdef public long long content_length   # -1: no Content-Length field
+    cdef public bint chunked
+    cdef public bint keep_alive
+    cdef public bint expect_continue
+    cdef public object body          # filled by RequestParser (tests/embedding) only
+    cdef public str peer             # client address, set by the connection
+    cpdef object get(self, bytes name)
+
+
+cdef class Parser:
+    # head scanning
+    cdef int state
+    cdef Py_ssize_t pos          # where scanning resumes, relative to the head start
+    cdef Py_ssize_t line_start   # start of the line being scanned
+    cdef Py_ssize_t head_start   # first byte of the request line (after skipped empty lines)
+    cdef Py_ssize_t target_start
+    cdef Py_ssize_t target_end
+    cdef Py_ssize_t version_start
+    cdef int nfields
+    # limits
+    cdef public int max_line
+    cdef public int max_field
+    cdef public int max_head
+    cdef public int max_fields
+    # body decoding
+    cdef int bstate
+    cdef long long remaining
+    cdef long long received
+    cdef Py_ssize_t aux          # chunk extension / trailer byte counter
+    # last error
+    cdef public int error_status
+    cdef public str error_reason
+
+    cdef void reset(self)
+    cdef int _fail(self, int status, str reason) noexcept
+    cdef int _check_version(self, const unsigned char *buf, Py_ssize_t cr) noexcept
+    cdef bint _set_host(self, Request req, const unsigned char *p, Py_ssize_t n) except -1
+    cdef int scan_head(self, const unsigned char *buf, Py_ssize_t n) noexcept
+    cdef Request build(self, const unsigned char *buf)
+    cdef void start_body(self, Request req)
+    cdef Py_ssize_t feed_body(self, const unsigned char *p, Py_ssize_t n, list out) except -2
+    cdef inline bint body_done(self) noexcept:
+        return self.bstate == 0

@@ -1,0 +1,34 @@
+from libc.stdint cimport uint32_t
+from expserver._sys cimport epoll_event
+
+cdef class Handle
+
+cdef class Loop:
+    cdef int epfd
+    cdef bint running
+    cdef dict handles            # fd -> Handle: keeps registered handles alive
+    cdef list timers             # heap of (when, seq, Handle)
+    cdef long long seq
+    cdef public double now       # monotonic time of the current iteration
+    cdef list ready              # callbacks to run on the next iteration
+    cdef list graveyard          # handles closed during a batch, kept alive until its end
+    cdef epoll_event *evbuf
+    cdef int maxevents
+    cdef public object _wakeup_w
+    cdef double update_time(self)
+    cdef void push_timer(self, Handle h, double when)
+    cdef int run_timers(self) except -1
+
+
+cdef class Handle:
+    """Something the loop watches: a file descriptor, a deadline, or both."""
+    cdef public int fd
+    cdef Loop loop
+    cdef double deadline          # monotonic seconds; 0 = no deadline
+    cdef double heap_deadline     # deadline of this handle's timer-heap entry; 0 = none
+    cdef uint32_t interest        # epoll events currently registered (0 = not registered)
+    cdef int on_events(self, uint32_t events) except -1
+    cdef int on_timeout(self) except -1
+    cdef void set_deadline(self, double when)
+    cdef int watch(self, uint32_t events) except -1
+    cdef int unwatch(self) except -1

@@ -1,0 +1,27 @@
+cdef enum FlushResult:
+    FLUSH_DONE = 0      # everything queued was written
+    FLUSH_AGAIN = 1     # the socket is full: wait for EPOLLOUT
+    FLUSH_ERROR = -1    # the peer is gone
+
+cdef class FileSegment:
+    cdef int fd
+    cdef long offset
+    cdef long long remaining
+
+cdef class Pipe:
+    cdef list items               # bytes | FileSegment | iterator source, in send order
+    cdef Py_ssize_t head          # index of the first unsent item
+    cdef Py_ssize_t off           # bytes of items[head] already sent (bytes items)
+    cdef public Py_ssize_t size   # buffered bytes not yet sent (bytes items only)
+    cdef public Py_ssize_t threshold
+    cdef public long long sent    # total bytes written to the sink
+    cdef int push(self, bytes data) except -1
+    cdef int push_file(self, int fd, long offset, long long length) except -1
+    cdef int push_source(self, object iterator, bint chunked) except -1
+    cdef inline bint full(self):
+        return self.size >= self.threshold
+    cdef inline bint empty(self):
+        return self.head == len(self.items)
+    cdef int flush(self, int fd) except -2
+    cdef void clear(self)
+    cdef int _pull(self, object src) except -1
