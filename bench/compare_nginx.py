@@ -112,7 +112,8 @@ def make_html(size: int, seed: int = 9110) -> bytes:
         section += 1
         kind = rng.random()
         if kind < 0.55:
-            chunk = f"<p class=\"text\">{' '.join(sentence() for _ in range(rng.randint(2, 5)))}</p>\n"
+            prose = " ".join(sentence() for _ in range(rng.randint(2, 5)))
+            chunk = f"<p class=\"text\">{prose}</p>\n"
         elif kind < 0.7:
             chunk = f"<h2 id=\"s{section}\">{sentence()[:-1]}</h2>\n"
         elif kind < 0.85:
@@ -125,7 +126,8 @@ def make_html(size: int, seed: int = 9110) -> bytes:
                 f"<tr><td>{rng.choice(words)}</td><td>{rng.randint(0, 99999)}</td>"
                 f"<td>{rng.randint(0, 999)}.{rng.randint(0, 9)} ms</td></tr>\n"
                 for _ in range(rng.randint(3, 8)))
-            chunk = f"<table class=\"stats\">\n<tr><th>name</th><th>count</th><th>time</th></tr>\n{rows}</table>\n"
+            chunk = ("<table class=\"stats\">\n<tr><th>name</th><th>count</th><th>time</th></tr>\n"
+                     f"{rows}</table>\n")
         if length + len(chunk) > body_budget:
             break
         parts.append(chunk)
@@ -181,7 +183,8 @@ def check_scenario(sc: Scenario, ports: dict[str, int], expected: bytes) -> str 
             return f"{server}: status {status}"
         if sc.gzip:
             if headers.get("content-encoding") != "gzip":
-                return f"{server}: no Content-Encoding: gzip (got {headers.get('content-encoding')!r})"
+                got = headers.get("content-encoding")
+                return f"{server}: no Content-Encoding: gzip (got {got!r})"
             try:
                 plain = gzip.decompress(body)
             except OSError as exc:
@@ -280,6 +283,18 @@ def fmt_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]), idle
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 def environment(args: argparse.Namespace, pinned: bool) -> dict[str, object]:
     cpu = "?"
     try:
@@ -296,7 +311,7 @@ def environment(args: argparse.Namespace, pinned: bool) -> dict[str, object]:
         "python": sys.version.split()[0], "duration_s": args.duration,
         "rounds": args.rounds, "aggregate": "best round per server (max req/s, its p99)",
         "pinned": pinned, "expserver_cmd": args.expserver_cmd,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "cpu_busy_at_start": round(cpu_busy(), 3),
     }
 
 
@@ -331,9 +346,9 @@ def main() -> int:
     server_cpus, wrk_cpus = h.split_cpus() if args.pin else (None, None)
     env = environment(args, server_cpus is not None)
     print(f"environment: {json.dumps(env)}", file=sys.stderr)
-    if float(env["loadavg_at_start"][0]) > 0.5:
-        print("warning: the machine is not idle (load average above 0.5); "
-              "figures will be noisy", file=sys.stderr)
+    if env["cpu_busy_at_start"] > 0.1:
+        print(f"warning: the machine is not idle ({env['cpu_busy_at_start']:.0%} of CPU busy "
+              "before the run); figures will be noisy", file=sys.stderr)
 
     servers: list[h.Server] = []
     results: list[Result] = []

@@ -54,14 +54,17 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS) -> list[Conn]:
     """Open n keep-alive connections, each after one full request/response.
 
     Raises with a count of what failed rather than leaving a half-measured server.
     """
     sem = asyncio.Semaphore(concurrency)
 
-    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def one() -> Conn:
         async with sem:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", port), REQUEST_TIMEOUT_S)
@@ -86,13 +89,13 @@ async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS) -
     return conns
 
 
-async def still_open(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> int:
+async def still_open(conns: list[Conn]) -> int:
     await asyncio.sleep(0.2)  # let the loop notice any close from the server
     return sum(1 for reader, writer in conns
                if not reader.at_eof() and not writer.transport.is_closing())
 
 
-async def close_all(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+async def close_all(conns: list[Conn]) -> None:
     for _, writer in conns:
         writer.close()
     await asyncio.sleep(0.1)

@@ -44,7 +44,7 @@ def _qvalue(v: bytes) -> float | None:
     return float(b"0." + frac) if frac else 0.0
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=256)
 def negotiate(accept_encoding: bytes, gzip_ok: bool, br_ok: bool) -> str | None:
     """Best enabled coding the client accepts, or None for identity.
 

@@ -71,6 +71,7 @@ Response = tuple[int, bytes, object]
 
 PARENT_TTL = 1.0
 _MAX_TARGETS = 8192
+_MAX_CACHED_PATH = 512
 _MAX_METAS = 8192
 _MAX_PARENTS = 4096
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -174,7 +175,7 @@ class _Target:
 class _Meta:
     """Validators and prebuilt header blocks of one version of one representation."""
 
-    __slots__ = ("etag", "h200", "h304", "lm", "mtime", "validator")
+    __slots__ = ("ctype", "etag", "h200", "h304", "lm", "mtime", "validator")
 
     def __init__(
         self,
@@ -185,6 +186,7 @@ class _Meta:
         vary: bool,
     ) -> None:
         self.validator = validator
+        self.ctype = ctype
         mtime = st.st_mtime_ns // 1_000_000_000
         self.mtime = mtime
         suffix = b"" if not encoding else b"-br" if encoding == b"br" else b"-gz"
@@ -268,7 +270,9 @@ UNSATISFIABLE = (-1, -1)
 def _int(digits: bytes) -> int:
     # Clamp instead of int() on thousands of digits (slow, and over 4300 it raises).
     digits = digits.lstrip(b"0")
-    return int(digits) if len(digits) <= 18 else 1 << 62
+    if len(digits) > 18:
+        return 1 << 62
+    return int(digits) if digits else 0
 
 
 def parse_range(value: bytes, size: int) -> tuple[int, int] | None:
@@ -297,7 +301,7 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | None:
         return None
     start = _int(first)
     end = _int(last) if last else size - 1
-    if end < start:
+    if last and end < start:
         return None
     if start >= size:
         return UNSATISFIABLE
@@ -381,9 +385,12 @@ class FileServe:
 
     def _target(self, raw: bytes) -> _Target | Response:
         result = self._decode(raw)
-        if len(self._targets) >= _MAX_TARGETS:
-            self._targets.clear()
-        self._targets[raw] = result
+        # Long paths are decoded every time rather than kept: the table's memory stays
+        # bounded by _MAX_TARGETS * _MAX_CACHED_PATH whatever clients send.
+        if len(raw) <= _MAX_CACHED_PATH:
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            self._targets[raw] = result
         return result
 
     def _decode(self, raw: bytes) -> _Target | Response:
@@ -501,7 +508,8 @@ class FileServe:
     ) -> _Meta:
         validator = (st.st_ino, st.st_mtime_ns, st.st_size)
         meta = self._metas.get(key)
-        if meta is None or meta.validator != validator:
+        # ctype too: a symlink is typed by its own name, so one file can carry two types.
+        if meta is None or meta.validator != validator or meta.ctype != ctype:
             meta = _Meta(validator, st, ctype, encoding, vary)
             if len(self._metas) >= _MAX_METAS:
                 self._metas.clear()
