@@ -78,26 +78,40 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _URL_SAFE = "/!$&'()*+,;=:@~"
 
 
+# Read-only views (properties) so that frozen dataclasses and Cython objects both fit.
 class Request(Protocol):
-    method: bytes
-    path: bytes
-    query: bytes
-    version: int
-
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def path(self) -> bytes: ...
+    @property
+    def query(self) -> bytes: ...
+    @property
+    def version(self) -> int: ...
     def get(self, name: bytes) -> bytes | None: ...
 
 
 class Route(Protocol):
-    req_path: str
-    dir_path: str
-    index: Sequence[str]
-    autoindex: bool
-    dotfiles: str
-    gzip_enable: bool
-    gzip_level: int
-    brotli_enable: bool
-    brotli_level: int
-    compress_min_length: int
+    @property
+    def req_path(self) -> str: ...
+    @property
+    def dir_path(self) -> str | None: ...
+    @property
+    def index(self) -> Sequence[str]: ...
+    @property
+    def autoindex(self) -> bool: ...
+    @property
+    def dotfiles(self) -> str: ...
+    @property
+    def gzip_enable(self) -> bool: ...
+    @property
+    def gzip_level(self) -> int: ...
+    @property
+    def brotli_enable(self) -> bool: ...
+    @property
+    def brotli_level(self) -> int: ...
+    @property
+    def compress_min_length(self) -> int: ...
 
 
 _REASONS = {
@@ -316,6 +330,8 @@ class FileServe:
     """The handler of one ``file_serve`` route."""
 
     def __init__(self, route: Route, cache: compression.CompressionCache | None = None) -> None:
+        if not route.dir_path:
+            raise ValueError(f"file_serve route {route.req_path!r} has no dir_path")
         root = os.fsencode(os.path.realpath(route.dir_path))
         self._root = root
         self._root_slash = root if root.endswith(b"/") else root + b"/"

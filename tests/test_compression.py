@@ -90,8 +90,12 @@ def _fd_open(fd: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("encoding", "decode"), [("gzip", gzip.decompress), ("br", brotli.decompress)])
-def test_stream_roundtrip_and_closes_fd(tmp_path: Path, encoding: str, decode: Callable[[bytes], bytes]) -> None:
+@pytest.mark.parametrize(
+    ("encoding", "decode"), [("gzip", gzip.decompress), ("br", brotli.decompress)]
+)
+def test_stream_roundtrip_and_closes_fd(
+    tmp_path: Path, encoding: str, decode: Callable[[bytes], bytes]
+) -> None:
     rnd = random.Random(7)
     # Mixed content over several 64 KiB reads: text plus incompressible noise.
     data = TEXT * 3 + rnd.randbytes(200_000) + TEXT

@@ -3,6 +3,7 @@ from __future__ import annotations
 import calendar
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,24 @@ def test_names_escaped_and_hrefs_encoded() -> None:
     text = page.decode()
     assert "<b>" not in text
     rows = _rows(page)
-    assert ("/my%20dir/100%25%20real%23%3F.txt", "100% real#?.txt", "1 B", "2026-11-22 05:31") in rows
+    assert (
+        "/my%20dir/100%25%20real%23%3F.txt",
+        "100% real#?.txt",
+        "1 B",
+        "2026-11-22 05:31",
+    ) in rows
     assert (
         "/my%20dir/a%20%3Cb%3E%20%26%20%22c%22%20%27d%27.txt",
         "a &lt;b&gt; &amp; &quot;c&quot; &#x27;d&#x27;.txt",
         "1 B",
         "2026-11-22 05:31",
     ) in rows
-    assert ("/my%20dir/caf%C3%A9%20%E2%98%83/", "caf\u00e9 \u2603/", "-", "2026-11-22 05:31") in rows
+    assert (
+        "/my%20dir/caf%C3%A9%20%E2%98%83/",
+        "caf\u00e9 \u2603/",
+        "-",
+        "2026-11-22 05:31",
+    ) in rows
     assert "<title>Index of /my dir/</title>" in text
 
 
@@ -125,7 +136,7 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
-def _follow_inside(root: Path):  # type: ignore[no-untyped-def]
+def _follow_inside(root: Path) -> Callable[[bytes], os.stat_result | None]:
     real_root = os.fsencode(os.path.realpath(root))
 
     def follow(p: bytes) -> os.stat_result | None:
