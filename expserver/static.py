@@ -160,6 +160,11 @@ def _unquote(seg: bytes) -> bytes | None:
     return b"".join(out)
 
 
+# Files up to this size are served from memory (the shared CompressionCache, bounded in
+# bytes); bigger ones go out with sendfile.
+SMALL_FILE = 32768
+IDENTITY = "identity"
+
 class _Target:
     """What a raw request path names, before looking at the filesystem."""
 
@@ -564,11 +569,33 @@ class FileServe:
                 length = last - offset + 1
                 status = 206
                 headers += b"Content-Range: bytes %d-%d/%d\r\n" % (offset, last, size)
+        if head:
+            return (status, headers, FileRange(-1, offset, length))
+        if size <= SMALL_FILE:
+            # small files are kept in memory (validated by the lstat above): the answer is
+            # then one send of head + body, with no open/sendfile/close per request
+            data = self._cache.get((path, IDENTITY, 0), meta.validator)
+            if data is None:
+                data = self._read_small(path, meta)
+                if data is None:
+                    return _E404
+            return (status, headers, data if length == size else data[offset:offset + length])
         try:
-            fd = -1 if head else os.open(path, _OPEN_FLAGS)
+            fd = os.open(path, _OPEN_FLAGS)
         except OSError as e:
             return _open_error(e)
         return (status, headers, FileRange(fd, offset, length))
+
+    def _read_small(self, path: bytes, meta: _Meta) -> bytes | None:
+        try:
+            with open(os.open(path, _OPEN_FLAGS), "rb") as f:
+                data = f.read(SMALL_FILE + 1)
+        except OSError:
+            return None
+        if len(data) != meta.validator[2]:
+            return None  # changed under us: the next request sees the new version
+        self._cache.put((path, IDENTITY, 0), meta.validator, data)
+        return data
 
     def _encoded(
         self, req: Request, head: bool, path: bytes, st: os.stat_result, ctype: bytes, enc: str

@@ -14,6 +14,7 @@ import pytest
 from expserver import httpdate
 from expserver.compression import CompressionCache, CompressStream
 from expserver.response import FileRange
+from expserver.static import SMALL_FILE
 from expserver.static import UNSATISFIABLE, FileServe, parse_range
 
 T = calendar.timegm((2026, 11, 22, 5, 31, 59))
@@ -168,9 +169,24 @@ def test_get_file_exact_headers_and_body(fs: FileServe, site: Path) -> None:
         b'ETag: "' + b"%x-%x" % (T, len(HELLO)) + b'"\r\n'
         b"Accept-Ranges: bytes\r\n"
     )
-    assert a.body == HELLO
+    assert a.raw_body == HELLO  # small files are answered from memory
+
+
+def test_small_file_memory_copy_follows_changes(fs: FileServe, site: Path) -> None:
+    assert call(fs, b"/hello.txt").raw_body == HELLO
+    (site / "hello.txt").write_bytes(b"changed!")
+    os.utime(site / "hello.txt", (T + 60, T + 60))
+    assert call(fs, b"/hello.txt").raw_body == b"changed!"
+    assert call(fs, b"/hello.txt", range="bytes=1-3").raw_body == b"han"
+
+
+def test_large_file_goes_out_with_sendfile(fs: FileServe, site: Path) -> None:
+    big = os.urandom(SMALL_FILE + 1)
+    (site / "big.bin").write_bytes(big)
+    a = call(fs, b"/big.bin")
     assert isinstance(a.raw_body, FileRange)
-    assert (a.raw_body.offset, a.raw_body.length) == (0, len(HELLO))
+    assert (a.raw_body.offset, a.raw_body.length) == (0, len(big))
+    assert a.body == big
 
 
 def test_head_does_not_open(fs: FileServe) -> None:
