@@ -241,7 +241,8 @@ def process_name(pid: int) -> str:
 
 def write_nginx_conf(path: Path, workdir: Path, root: Path, plain_port: int,
                      gzip_port: int | None = None, worker_connections: int = 4096,
-                     rlimit_nofile: int | None = None) -> None:
+                     rlimit_nofile: int | None = None,
+                     gzip_static_port: int | None = None) -> None:
     """A minimal nginx.conf: one worker, everything (pid, logs, temp files) under workdir.
 
     `daemon off;` is not written here: it is passed with -g on the command line, and
@@ -264,6 +265,13 @@ def write_nginx_conf(path: Path, workdir: Path, root: Path, plain_port: int,
         gzip_comp_level 6;
         gzip_types text/plain;
         gzip_min_length 256;
+    }}"""
+    if gzip_static_port is not None:
+        gzip_server += f"""
+    server {{
+        listen 127.0.0.1:{gzip_static_port};
+        root {root};
+        gzip_static on;
     }}"""
     path.write_text(f"""{user}worker_processes 1;
 {rlimit}pid {workdir / 'nginx.pid'};

@@ -50,6 +50,9 @@ class Scenario:
     path: str
     connections: int
     gzip: bool = False
+    # Which nginx server answers: "nginx" (plain), "nginx_gzip" (gzip on, compresses every
+    # response) or "nginx_gzip_static" (gzip_static on: sends the precompressed .gz file).
+    nginx_server: str = "nginx"
 
 
 @dataclass
@@ -153,6 +156,10 @@ def write_content(root: Path) -> dict[str, bytes]:
     for name, data in content.items():
         (root / name).write_bytes(data)
         (root / name).chmod(0o644)
+    # For nginx's gzip_static: the same level as the on-the-fly scenario, mtime 0.
+    gz = root / (TEXT_FILE + ".gz")
+    gz.write_bytes(gzip.compress(content[TEXT_FILE], compresslevel=6, mtime=0))
+    gz.chmod(0o644)
     return content
 
 
@@ -323,7 +330,13 @@ def environment(args: argparse.Namespace, pinned: bool) -> dict[str, object]:
 def scenarios(quick: bool) -> list[Scenario]:
     conns = [64] if quick else [64, 256]
     out = [Scenario(f"{name[:-4]} c{c}", f"/{name}", c) for name in FILES for c in conns]
-    out.append(Scenario("gzip text64k c64", f"/{TEXT_FILE}", 64, gzip=True))
+    out.append(Scenario("gzip text64k c64", f"/{TEXT_FILE}", 64, gzip=True,
+                        nginx_server="nginx_gzip"))
+    # expserver keeps compressed bodies of small files in a cache; nginx's gzip module
+    # compresses every response again. gzip_static (a .gz file made once, beside the
+    # original) is nginx's own answer to that, so it is measured as well.
+    out.append(Scenario("gzip text64k c64 vs gzip_static", f"/{TEXT_FILE}", 64, gzip=True,
+                        nginx_server="nginx_gzip_static"))
     return out
 
 
@@ -360,26 +373,26 @@ def main() -> int:
         root = work / "www"
         content = write_content(root)
         ports = {"nginx": h.free_port(), "nginx_gzip": h.free_port(),
+                 "nginx_gzip_static": h.free_port(),
                  "expserver": h.free_port(), "expserver_gzip": h.free_port()}
         try:
             conf = work / "nginx.conf"
-            h.write_nginx_conf(conf, work, root, ports["nginx"], ports["nginx_gzip"])
+            h.write_nginx_conf(conf, work, root, ports["nginx"], ports["nginx_gzip"],
+                               gzip_static_port=ports["nginx_gzip_static"])
             nginx = h.start_nginx(conf, work, cpus=server_cpus)
             servers.append(nginx)
-            nginx.wait_ready([ports["nginx"], ports["nginx_gzip"]])
+            nginx.wait_ready([ports["nginx"], ports["nginx_gzip"], ports["nginx_gzip_static"]])
 
             config = work / "expserver.json"
             h.write_expserver_config(config, root, ports["expserver"], ports["expserver_gzip"])
             servers += h.start_expserver(
                 args.expserver_cmd, config=config, root=root, workdir=work, cpus=server_cpus,
                 ports=[ports["expserver"], ports["expserver_gzip"]])
-            print(f"ready: nginx pid {nginx.pid} ports {ports['nginx']}/{ports['nginx_gzip']},"
-                  f" expserver ports {ports['expserver']}/{ports['expserver_gzip']}",
-                  file=sys.stderr)
+            print(f"ready: ports {ports}", file=sys.stderr)
 
             for sc in scenarios(args.quick):
-                suffix = "_gzip" if sc.gzip else ""
-                sc_ports = {s: ports[s + suffix] for s in ("expserver", "nginx")}
+                sc_ports = {"expserver": ports["expserver_gzip" if sc.gzip else "expserver"],
+                            "nginx": ports[sc.nginx_server]}
                 print(f"{sc.name}: {sc.path} -c {sc.connections}", file=sys.stderr)
                 why = check_scenario(sc, sc_ports, content[sc.path.lstrip("/")])
                 if why:

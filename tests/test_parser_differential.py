@@ -115,7 +115,9 @@ class _HttptoolsProtocol:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
-        self.current["headers"].append((name.lower(), value))
+        if "head" not in self.current:   # llhttp reports trailer fields here too
+            # llhttp hands over trailing OWS, which is not part of the value (RFC 9112 5)
+            self.current["headers"].append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         assert self.current is not None
@@ -188,9 +190,18 @@ def run_h11(data: bytes) -> tuple[str, list[tuple[Any, ...]]]:
 PARSERS = {"expserver": run_expserver, "httptools": run_httptools, "h11": run_h11}
 
 
+def normalize(outcome: tuple[str, list[tuple[Any, ...]]]) -> tuple[str, list[tuple[Any, ...]]]:
+    """h11 lower-cases the Transfer-Encoding value: compare that value case-insensitively."""
+    verdict, reqs = outcome
+    return verdict, [
+        r[:3] + ([(n, v.lower() if n == b"transfer-encoding" else v) for n, v in r[3]],) + r[4:]
+        for r in reqs
+    ]
+
+
 def compare(data: bytes) -> tuple[bool, dict[str, Any]]:
     """(whether the parsers disagree, each parser's outcome)."""
-    outcomes = {name: run(data) for name, run in PARSERS.items()}
+    outcomes = {name: normalize(run(data)) for name, run in PARSERS.items()}
     verdicts = {v for v, _ in outcomes.values()}
     if len(verdicts) > 1:
         return True, outcomes

@@ -27,7 +27,8 @@ CL together with TE is 400, TE in HTTP/1.0 is 400.
 Ownership: the caller owns the buffer; the parser keeps offsets into it, never pointers.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memchr, memcmp
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcmp, memcpy
 
 # ---------------------------------------------------------------- character tables
 cdef unsigned char TCHAR[256]      # token (RFC 9110 5.6.2): method, field-name
@@ -57,6 +58,31 @@ cdef void _init_tables() noexcept:
         HEXVAL[65 + c] = 10 + c
 
 _init_tables()
+
+# SWAR ("SIMD within a register") checks, 8 bytes at a time: the common bytes of targets and
+# field values are plain visible ASCII, so most of a head is skipped a word at a time and
+# only a word that may hold something else is looked at byte by byte with the tables.
+# hasless(w, n) is non-zero if some byte of w is < n (n <= 128; exact when zero).
+cdef uint64_t ONES = 0x0101010101010101ULL
+cdef uint64_t HIGHS = 0x8080808080808080ULL
+
+cdef inline uint64_t _hasless(uint64_t w, uint64_t n) noexcept nogil:
+    return (w - ONES * n) & ~w & HIGHS
+
+cdef inline uint64_t _hasdel(uint64_t w) noexcept nogil:
+    cdef uint64_t x = w ^ (ONES * 0x7f)
+    return (x - ONES) & ~x & HIGHS
+
+cdef inline Py_ssize_t _skip_plain(const unsigned char *buf, Py_ssize_t i, Py_ssize_t n,
+                                   uint64_t low) noexcept nogil:
+    """Advance i over whole words with no byte < ``low`` and no DEL."""
+    cdef uint64_t w
+    while i + 8 <= n:
+        memcpy(&w, buf + i, 8)
+        if _hasless(w, low) | _hasdel(w):
+            break
+        i += 8
+    return i
 
 # ---------------------------------------------------------------- head states
 cdef enum:
@@ -159,6 +185,28 @@ cdef inline bint _ieq(const unsigned char *p, Py_ssize_t n, const char *lit, Py_
     return True
 
 
+# Field names most requests carry, shared instead of allocated per request; by length.
+cdef list NAMES_BY_LEN = [[] for _ in range(32)]
+for _name in (b"host", b"connection", b"user-agent", b"accept", b"accept-encoding",
+              b"accept-language", b"accept-charset", b"cookie", b"referer", b"origin",
+              b"content-length", b"content-type", b"cache-control", b"pragma", b"dnt",
+              b"upgrade-insecure-requests", b"sec-fetch-site", b"sec-fetch-mode",
+              b"sec-fetch-user", b"sec-fetch-dest", b"sec-ch-ua", b"sec-ch-ua-mobile",
+              b"sec-ch-ua-platform", b"if-none-match", b"if-modified-since", b"if-range",
+              b"range", b"keep-alive", b"authorization", b"x-forwarded-for",
+              b"transfer-encoding", b"expect", b"te", b"upgrade", b"priority"):
+    NAMES_BY_LEN[len(_name)].append(_name)
+
+
+cdef inline bytes _field_name(const unsigned char *p, Py_ssize_t n):
+    cdef bytes known
+    if n < 32:
+        for known in <list>NAMES_BY_LEN[n]:
+            if _ieq(p, n, <const char *>known, n):
+                return known
+    return _lower_bytes(p, n)
+
+
 cdef bint _has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept:
     """Whether the comma-separated list p[:n] holds ``tok`` (case-insensitive)."""
     cdef Py_ssize_t i = 0, s, e
@@ -258,6 +306,10 @@ cdef class Parser:
             c = buf[i]
             if state == S_VALUE:
                 # the hot state: most head bytes are field values
+                i = _skip_plain(buf, i, lim, 0x20)
+                if i == lim:
+                    break
+                c = buf[i]
                 while VALUE[c]:
                     i += 1
                     if i == lim:
@@ -323,6 +375,10 @@ cdef class Parser:
                 rc = DONE
                 break
             elif state == S_TARGET:
+                i = _skip_plain(buf, i, lim, 0x21)
+                if i == lim:
+                    break
+                c = buf[i]
                 while TARGET[c]:
                     i += 1
                     if i == lim:
@@ -478,7 +534,7 @@ cdef class Parser:
             ve = end
             while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
                 ve -= 1
-            name = _lower_bytes(p + ls, colon - ls)
+            name = _field_name(p + ls, colon - ls)
             value = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
             headers.append((name, value))
             # semantic fields, recognised by length first
@@ -751,60 +807,64 @@ cdef class RequestParser:
     later ``feed`` raises it again, as a connection would be closed).
     """
     cdef Parser parser
-    cdef bytearray buf
+    cdef bytes rest          # an unfinished head (its scan state is relative to rest[0])
     cdef Request current
     cdef list body
     cdef object error
 
-    def __cinit__(self, **limits):
-        self.parser = Parser(**limits)
-        self.buf = bytearray()
+    def __cinit__(self, int max_line=8192, int max_field=8192, int max_head=65536,
+                  int max_fields=100):
+        self.parser = Parser(max_line, max_field, max_head, max_fields)
+        self.rest = EMPTY
         self.current = None
         self.body = None
         self.error = None
 
     def feed(self, data):
         cdef list done = []
-        cdef Py_ssize_t used
+        cdef Py_ssize_t pos = 0, n, used
         cdef int rc
-        cdef const unsigned char[:] view
+        cdef bytes chunk
+        cdef const unsigned char *p
         if self.error is not None:
             raise self.error
-        self.buf += data
+        chunk = data if type(data) is bytes else bytes(data)
+        if self.rest:
+            chunk = self.rest + chunk
+            self.rest = EMPTY
+        p = <const unsigned char *>PyBytes_AS_STRING(chunk)
+        n = len(chunk)
         while True:
             if self.current is None:
-                if not self.buf:
+                if pos == n:
                     break
-                view = self.buf
-                rc = self.parser.scan_head(&view[0], len(self.buf))
+                rc = self.parser.scan_head(p + pos, n - pos)
                 if rc == AGAIN:
+                    self.rest = chunk[pos:] if pos else chunk
                     break
                 if rc < 0:
                     return self._raise()
-                self.current = self.parser.build(&view[0])
-                view = None
+                self.current = self.parser.build(p + pos)
                 if self.current is None:
                     return self._raise()
-                del self.buf[:self.parser.pos]
+                pos += self.parser.pos
                 self.parser.reset()
                 self.parser.start_body(self.current)
                 self.body = []
             if not self.parser.body_done():
-                if not self.buf:
+                if pos == n:
                     break
-                view = self.buf
-                used = self.parser.feed_body(&view[0], len(self.buf), self.body)
-                view = None
+                used = self.parser.feed_body(p + pos, n - pos, self.body)
                 if used < 0:
                     return self._raise()
-                del self.buf[:used]
+                pos += used
                 if not self.parser.body_done():
                     break
             self._finish(done)
         return done
 
     cdef void _finish(self, list done):
-        self.current.body = b"".join(self.body)
+        self.current.body = b"".join(self.body) if self.body else EMPTY
         done.append(self.current)
         self.current = None
         self.body = None
@@ -816,4 +876,4 @@ cdef class RequestParser:
     @property
     def pending(self):
         """Bytes received but not yet part of a complete request."""
-        return len(self.buf)
+        return len(self.rest)

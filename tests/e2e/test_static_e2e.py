@@ -1,0 +1,462 @@
+"""Static files through the real process: types, validators, ranges, paths, big files.
+
+Every assertion is about what a client sees: the status, exact header values and exact body
+bytes. Documents are written into ``served.root`` before they are requested; the "secret"
+files used by the traversal tests live beside the root, never under it.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import subprocess
+import time
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from .conftest import Reader, request
+
+SECRET = b"TOP-SECRET-BYTES-never-served\n"
+
+
+def get(served, path: str | bytes, *headers: str, method: str = "GET"):
+    """One request on a fresh connection: (status, headers, body)."""
+    if isinstance(path, str):
+        path = path.encode("utf-8")
+    extra = "".join(f"{h}\r\n" for h in headers).encode("latin-1")
+    raw = method.encode() + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+    return request(served, raw, head_only=method == "HEAD")
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-s", "--max-time", "20", *args],
+                          capture_output=True, timeout=30, check=True)
+
+
+# -- media types --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, ctype", [
+    ("photo.jpg", "image/jpeg"),
+    ("photo.JPEG", "image/jpeg"),
+    ("paper.pdf", "application/pdf"),
+    ("notes.txt", "text/plain"),
+    ("data.json", "application/json"),
+    ("page.html", "text/html"),
+    ("site.css", "text/css"),
+    ("blob.qqqunknown", "application/octet-stream"),
+    ("README", "application/octet-stream"),
+])
+def test_content_type_is_exact(start, name, ctype):
+    served = start()
+    body = f"content of {name}\n".encode()
+    (served.root / name).write_bytes(body)
+    status, headers, got = get(served, "/" + name)
+    assert (status, got) == (200, body)
+    # exact: no "; charset=..." appended to text types (eXpServer's and nginx's default)
+    assert headers["content-type"] == ctype
+    assert headers["content-length"] == str(len(body))
+
+
+# -- validators and conditional requests --------------------------------------------------------
+
+def test_etag_and_last_modified(start):
+    served = start()
+    f = served.root / "a.txt"
+    f.write_bytes(b"hello\n")
+    mtime = 1_600_000_000
+    os.utime(f, (mtime, mtime))
+    status, headers, _ = get(served, "/a.txt")
+    assert status == 200
+    assert headers["last-modified"] == formatdate(mtime, usegmt=True)
+    etag = headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"') and len(etag) > 2
+    assert headers["accept-ranges"] == "bytes"
+    # the same version gives the same validator on a second request
+    assert get(served, "/a.txt")[1]["etag"] == etag
+
+
+def test_if_none_match_304_then_200_after_change(start):
+    served = start()
+    f = served.root / "a.txt"
+    f.write_bytes(b"version one\n")
+    _, headers, _ = get(served, "/a.txt")
+    etag = headers["etag"]
+    status, h304, body = get(served, "/a.txt", f"If-None-Match: {etag}")
+    assert (status, body) == (304, b"")
+    assert h304["etag"] == etag
+    # a list holding our tag, and "*", match too
+    assert get(served, "/a.txt", f'If-None-Match: "nope", {etag}')[0] == 304
+    assert get(served, "/a.txt", "If-None-Match: *")[0] == 304
+    assert get(served, "/a.txt", 'If-None-Match: "nope"')[0] == 200
+
+    f.write_bytes(b"version two, longer\n")
+    later = time.time() + 5
+    os.utime(f, (later, later))
+    status, headers, body = get(served, "/a.txt", f"If-None-Match: {etag}")
+    assert (status, body) == (200, b"version two, longer\n")
+    assert headers["etag"] != etag
+
+
+def test_if_modified_since_304_then_200_after_change(start):
+    served = start()
+    f = served.root / "a.txt"
+    f.write_bytes(b"version one\n")
+    os.utime(f, (1_600_000_000, 1_600_000_000))
+    _, headers, _ = get(served, "/a.txt")
+    lm = headers["last-modified"]
+    status, _, body = get(served, "/a.txt", f"If-Modified-Since: {lm}")
+    assert (status, body) == (304, b"")
+    # a later date than the file's is "not modified" as well
+    assert get(served, "/a.txt", "If-Modified-Since: " + formatdate(1_700_000_000, usegmt=True)
+               )[0] == 304
+    # an earlier one is not
+    assert get(served, "/a.txt", "If-Modified-Since: " + formatdate(1_500_000_000, usegmt=True)
+               )[0] == 200
+
+    f.write_bytes(b"version 2!!!\n")
+    os.utime(f, (1_600_000_100, 1_600_000_100))
+    status, headers, body = get(served, "/a.txt", f"If-Modified-Since: {lm}")
+    assert (status, body) == (200, b"version 2!!!\n")
+    assert headers["last-modified"] == formatdate(1_600_000_100, usegmt=True)
+
+
+def test_same_size_edit_is_seen_without_conditionals(start):
+    """An edit that keeps the size is served at once (the in-memory copy is revalidated)."""
+    served = start()
+    f = served.root / "a.txt"
+    f.write_bytes(b"AAAA\n")
+    assert get(served, "/a.txt")[2] == b"AAAA\n"
+    time.sleep(0.01)
+    f.write_bytes(b"BBBB\n")
+    assert get(served, "/a.txt")[2] == b"BBBB\n"
+
+
+# -- ranges ------------------------------------------------------------------------------------
+
+# 100 bytes (memory path) and 100 KiB (sendfile path) take different code paths in the server.
+@pytest.mark.parametrize("size", [100, 100 * 1024], ids=["small", "large"])
+def test_ranges(start, size):
+    served = start()
+    data = random.Random(size).randbytes(size)
+    (served.root / "r.bin").write_bytes(data)
+
+    status, headers, body = get(served, "/r.bin")
+    assert (status, body) == (200, data)
+    assert headers["accept-ranges"] == "bytes"
+
+    cases = {
+        "bytes=0-9": (0, 9),
+        "bytes=-5": (size - 5, size - 1),
+        "bytes=10-": (10, size - 1),
+        f"bytes=5-{size + 1000}": (5, size - 1),  # end clamped to the file
+    }
+    for spec, (first, last) in cases.items():
+        status, headers, body = get(served, "/r.bin", f"Range: {spec}")
+        assert status == 206, spec
+        assert headers["content-range"] == f"bytes {first}-{last}/{size}", spec
+        assert headers["content-length"] == str(last - first + 1), spec
+        assert body == data[first:last + 1], spec
+        assert headers["content-type"] == "application/octet-stream"
+
+    for spec in (f"bytes={size}-", f"bytes={size + 50}-{size + 60}", "bytes=-0"):
+        status, headers, body = get(served, "/r.bin", f"Range: {spec}")
+        assert status == 416, spec
+        assert headers["content-range"] == f"bytes */{size}", spec
+        assert SECRET not in body
+
+    # HEAD + Range mirrors GET + Range
+    status, headers, _ = get(served, "/r.bin", "Range: bytes=0-9", method="HEAD")
+    assert (status, headers["content-range"], headers["content-length"]) == (
+        206, f"bytes 0-9/{size}", "10")
+
+
+def test_range_with_stale_if_range_sends_whole_file(start):
+    served = start()
+    data = bytes(range(256))
+    (served.root / "r.bin").write_bytes(data)
+    etag = get(served, "/r.bin")[1]["etag"]
+    status, headers, body = get(served, "/r.bin", "Range: bytes=0-9", f"If-Range: {etag}")
+    assert (status, body) == (206, data[:10])
+    status, headers, body = get(served, "/r.bin", "Range: bytes=0-9", 'If-Range: "old"')
+    assert (status, body) == (200, data)
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+def test_double_slashes_collapse(start):
+    served = start()
+    (served.root / "a").mkdir()
+    (served.root / "a" / "b.txt").write_bytes(b"in a\n")
+    for path in ("//a//b.txt", "/a//b.txt", "///a///b.txt"):
+        status, headers, body = get(served, path)
+        assert (status, body) == (200, b"in a\n"), path
+        assert headers["content-type"] == "text/plain"
+
+
+def test_directory_without_slash_redirects(start):
+    served = start()
+    (served.root / "dir").mkdir()
+    (served.root / "dir" / "index.html").write_bytes(b"<p>index</p>\n")
+    status, headers, _ = get(served, "/dir")
+    assert status == 301
+    assert headers["location"] == "/dir/"
+    status, headers, _ = get(served, "/dir?a=1&b=2")
+    assert (status, headers["location"]) == (301, "/dir/?a=1&b=2")
+    # "//dir" must not become the protocol-relative Location "//dir/" (another host)
+    status, headers, _ = get(served, "//dir")
+    assert (status, headers["location"]) == (301, "/dir/")
+
+
+def test_index_file_is_served(start):
+    served = start()
+    (served.root / "index.html").write_bytes(b"<h1>root index</h1>\n")
+    (served.root / "sub").mkdir()
+    (served.root / "sub" / "index.html").write_bytes(b"<h1>sub index</h1>\n")
+    status, headers, body = get(served, "/")
+    assert (status, body) == (200, b"<h1>root index</h1>\n")
+    assert headers["content-type"] == "text/html"
+    status, headers, body = get(served, "/sub/")
+    assert (status, body) == (200, b"<h1>sub index</h1>\n")
+    assert headers["content-type"] == "text/html"
+    # a file is not a directory
+    assert get(served, "/sub/index.html/")[0] == 404
+
+
+def test_configured_index_names_in_order(start, tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    served = start(routes=[{"req_path": "/", "type": "file_serve", "dir_path": str(root),
+                            "index": ["home.htm", "index.txt"]}])
+    (root / "index.html").write_bytes(b"not an index here\n")
+    (root / "index.txt").write_bytes(b"second choice\n")
+    status, headers, body = get(served, "/")
+    assert (status, body, headers["content-type"]) == (200, b"second choice\n", "text/plain")
+    (root / "home.htm").write_bytes(b"<b>first</b>\n")
+    status, headers, body = get(served, "/")
+    assert (status, body, headers["content-type"]) == (200, b"<b>first</b>\n", "text/html")
+
+
+@pytest.fixture
+def jailed(start):
+    """A server whose root has a secret file (and directory) right beside it."""
+    served = start()
+    outside = served.root.parent
+    (outside / "secret").write_bytes(SECRET)
+    (outside / "secretdir").mkdir()
+    (outside / "secretdir" / "secret").write_bytes(SECRET)
+    (served.root / "sub").mkdir()
+    (served.root / "ok.txt").write_bytes(b"ok\n")
+    (served.root / "link").symlink_to(outside / "secret")
+    (served.root / "linkdir").symlink_to(outside / "secretdir")
+    (served.root / "sub" / "uplink").symlink_to("../../secret")
+    return served
+
+
+TRAVERSALS = [
+    "/../secret",
+    "/sub/../../secret",
+    "/%2e%2e/secret",
+    "/%2E%2E/secret",
+    "/.%2e/secret",
+    "/%2E%2E%2Fsecret",
+    "/..%2fsecret",
+    "/..%2Fsecret",
+    "/sub%2f..%2f..%2fsecret",
+    "/..%5csecret",
+    "/..\\secret",
+    "/sub/%2e%2e/%2e%2e/secret",
+    "/%252e%252e/secret",
+    "/secret%00",
+    "/ok.txt%00",
+    "/ok.txt%00.jpg",
+    "/link",
+    "/linkdir/secret",
+    "/linkdir/",
+    "/sub/uplink",
+    "/./../secret",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_traversal_never_leaks(jailed, path):
+    status, headers, body = get(jailed, path)
+    assert status in (400, 403, 404), (status, body[:200])
+    assert SECRET not in body
+    assert "secret" not in headers.get("location", "")
+
+
+def test_traversal_on_one_keep_alive_connection(jailed):
+    """The refusals are answers, not dropped connections: the next request still works."""
+    with jailed.connect() as sock:
+        r = Reader(sock)
+        for path in TRAVERSALS:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            status, _, body = r.response()
+            assert status in (400, 403, 404), path
+            assert SECRET not in body
+            sock.sendall(b"GET /ok.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert r.response()[::2] == (200, b"ok\n"), path
+
+
+def test_traversal_via_curl_path_as_is(jailed):
+    out = curl("--path-as-is", "-o", "-", "-w", "\n%{http_code}", jailed.url("/../secret"))
+    assert SECRET not in out.stdout
+    assert out.stdout.rsplit(b"\n", 1)[1] in (b"400", b"403", b"404")
+
+
+def test_symlink_inside_root_is_followed(start):
+    served = start()
+    (served.root / "real.txt").write_bytes(b"real\n")
+    (served.root / "alias.txt").symlink_to("real.txt")
+    assert get(served, "/alias.txt")[::2] == (200, b"real\n")
+
+
+def test_dotfiles_hidden_by_default(start):
+    served = start()
+    (served.root / ".env").write_bytes(b"PASSWORD=x\n")
+    (served.root / ".git").mkdir()
+    (served.root / ".git" / "config").write_bytes(b"[core]\n")
+    for path in ("/.env", "/.git/config", "/.git/", "/.git", "/%2eenv"):
+        status, _, body = get(served, path)
+        assert status == 404, path
+        assert b"PASSWORD" not in body and b"[core]" not in body
+
+
+def test_dotfiles_allowed(start, tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    served = start(routes=[{"req_path": "/", "type": "file_serve", "dir_path": str(root),
+                            "dotfiles": "allow"}])
+    (root / ".env").write_bytes(b"PASSWORD=x\n")
+    (root / ".well-known").mkdir()
+    (root / ".well-known" / "security.txt").write_bytes(b"Contact: x\n")
+    assert get(served, "/.env")[::2] == (200, b"PASSWORD=x\n")
+    assert get(served, "/.well-known/security.txt")[::2] == (200, b"Contact: x\n")
+
+
+def test_unicode_and_space_names(start):
+    served = start()
+    names = ["my file.txt", "ünïcödé €.txt", "日本語.txt", "a+b=c&d.txt", "100%.txt"]
+    for name in names:
+        (served.root / name).write_bytes(name.encode() + b"\n")
+    for name in names:
+        status, headers, body = get(served, "/" + quote(name))
+        assert (status, body) == (200, name.encode() + b"\n"), name
+        assert headers["content-type"] == "text/plain"
+    # a client that does not encode the safe sub-delims ("+", "=", "&") reaches it as well
+    assert get(served, "/a+b=c&d.txt")[0] == 200
+
+
+def test_bad_percent_encoding_is_400(start):
+    served = start()
+    for path in ("/%zz", "/a%2", "/%"):
+        assert get(served, path)[0] == 400, path
+
+
+# -- big files ---------------------------------------------------------------------------------
+
+BIG = 5 * 1024 * 1024
+
+
+@pytest.fixture
+def big(start):
+    served = start()
+    data = random.Random(5).randbytes(BIG)
+    (served.root / "big.bin").write_bytes(data)
+    return served, data
+
+
+def test_big_file_via_curl(big, tmp_path):
+    served, data = big
+    out = tmp_path / "download.bin"
+    result = curl("-o", str(out), "-w", "%{http_code} %{size_download}", served.url("/big.bin"))
+    assert result.stdout == f"200 {BIG}".encode()
+    assert out.read_bytes() == data
+
+
+def test_big_file_via_http_client(big):
+    served, data = big
+    conn = http.client.HTTPConnection(*served.addr, timeout=10)
+    try:
+        for _ in range(2):  # twice on one keep-alive connection
+            conn.request("GET", "/big.bin")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.getheader("Content-Length") == str(BIG)
+            assert resp.read() == data
+        conn.request("GET", "/big.bin", headers={"Range": "bytes=1000000-1999999"})
+        resp = conn.getresponse()
+        assert resp.status == 206
+        assert resp.read() == data[1_000_000:2_000_000]
+    finally:
+        conn.close()
+
+
+# -- HEAD --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 10, 40_000, BIG], ids=["empty", "small", "medium", "5MiB"])
+def test_head_matches_get(start, size):
+    served = start()
+    (served.root / "f.txt").write_bytes(b"x" * size)
+    with served.connect() as sock:
+        r = Reader(sock)
+        # HEAD then GET on one connection: a HEAD that leaked a body would desync the GET
+        sock.sendall(b"HEAD /f.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        hs, hh, _ = r.response(head_only=True)
+        sock.sendall(b"GET /f.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        gs, gh, body = r.response()
+    assert hs == gs == 200
+    assert len(body) == size
+    assert hh["content-length"] == gh["content-length"] == str(size)
+    hh.pop("date"), gh.pop("date")
+    assert hh == gh
+
+
+def test_head_of_listing_and_index_match_get(start):
+    served = start()
+    (served.root / "d").mkdir()
+    (served.root / "d" / "x.txt").write_bytes(b"x")
+    (served.root / "i").mkdir()
+    (served.root / "i" / "index.html").write_bytes(b"<p>i</p>")
+    for path in ("/d/", "/i/"):
+        gs, gh, body = get(served, path)
+        hs, hh, hbody = get(served, path, method="HEAD")
+        assert (hs, hbody) == (gs, b"")
+        assert hh["content-length"] == gh["content-length"] == str(len(body)), path
+
+
+def test_curl_head_matches_raw_head(start):
+    served = start()
+    f = served.root / "page.html"
+    f.write_bytes(b"<!doctype html><title>t</title>\n")
+    os.utime(f, (1_600_000_000, 1_600_000_000))
+    out = curl("-sI", served.url("/page.html")).stdout.decode("latin-1")
+    lines = out.split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    curl_headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            curl_headers[name.strip().lower()] = value.strip()
+    _, raw_headers, _ = get(served, "/page.html", method="HEAD")
+    for h in (curl_headers, raw_headers):
+        assert h.pop("date")
+    assert curl_headers == raw_headers
+    assert curl_headers["content-type"] == "text/html"
+    assert curl_headers["content-length"] == "32"
+    assert curl_headers["server"] == "eXpServer"
+    assert curl_headers["last-modified"] == "Sun, 13 Sep 2020 12:26:40 GMT"
+    parsedate_to_datetime(curl_headers["last-modified"])
+
+
+def test_methods_other_than_get_head(start):
+    served = start()
+    (served.root / "a.txt").write_bytes(b"a")
+    status, headers, _ = request(
+        served, b"POST /a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert status == 405
+    assert headers["allow"] == "GET, HEAD"
+    assert Path(served.root / "a.txt").read_bytes() == b"a"
