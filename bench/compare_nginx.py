@@ -5,14 +5,18 @@
 
 Both servers run with one worker and serve the same temp directory (1k.bin, 64k.bin,
 1m.bin of random bytes and text64k.html, 64 KiB of deterministic compressible HTML).
-Each scenario is measured with `wrk -t1 -c C -d S --latency`, alternating
+Each scenario is measured with `wrk -t1 -c C -d S --latency --timeout 10s`, alternating
 expserver, nginx, expserver, nginx (--rounds of each), and the best round of each server
 is reported (highest req/s; p99 is taken from that same round). Alternating spreads any
 drift of the machine (thermal, noisy neighbours) over both servers.
 
 wrk runs with ONE thread: on a 2-core machine that leaves one core to the server under
-test and one to the load generator. With --pin (the default when there are >= 2 CPUs)
-that split is enforced with CPU affinity: servers on the first CPU, wrk on the second.
+test and one to the load generator. By default (when there are >= 2 CPUs) that split is
+enforced with CPU affinity: servers on the first CPU, wrk on the second (--no-pin: not).
+
+The gzip scenario is run twice: against nginx's `gzip on` (compresses every response)
+and against `gzip_static on` (a precompressed .gz), because expserver caches compressed
+bodies of small files; see bench/README.md.
 
 The figures are ratios measured in one run; they are not comparable across machines,
 and nothing here is a pass/fail test.

@@ -105,9 +105,9 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
     fields: list[tuple[str, str]] = []   # (raw name, value) in the order sent
     raw_lines: list[str] = []
 
-    def add(name: str, value: str, ows: bool = True) -> None:
-        lead = draw(latin1(" \t", 0, 2)) if ows else " "
-        trail = draw(latin1(" \t", 0, 2)) if ows else ""
+    def add(name: str, value: str, ows: str = " \t") -> None:
+        lead = draw(latin1(ows, 0, 2))
+        trail = draw(latin1(ows, 0, 2))
         raw_lines.append(f"{name}:{lead}{value}{trail}\r\n")
         fields.append((name.lower(), value))
 
@@ -144,7 +144,8 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
         content_length = len(body)
         add("Content-Length", str(len(body)))
     elif framing == "chunked":
-        add("Transfer-Encoding", "chunked")
+        # (llhttp rejects "chunked<HTAB>": see INTENDED_DIFFERENCES)
+        add("Transfer-Encoding", "chunked", " " if peer_safe else " \t")
 
     head = f"{method} {target} HTTP/1.{version % 10}\r\n" + "".join(raw_lines) + "\r\n"
     data = head.encode("latin-1")
