@@ -19,6 +19,16 @@ from .app import App
 
 BACKLOG = 4096
 DRAIN_SECONDS = 30.0      # graceful shutdown gives in-flight responses this long
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+# Signals that arrive after the sockets listen but before a loop handles them are kept
+# here and replayed, instead of getting their default action (QUIT would dump core).
+_early: list[int] = []
+
+
+def _record_early_signals() -> None:
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: _early.append(signum))
 
 
 class StartupError(Exception):
@@ -94,13 +104,17 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
         else:
             loop.stop()
 
-    loop.watch_signals([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], on_signal)
+    loop.watch_signals(SIGNALS, on_signal)
+    for signum in _early:
+        loop.call_soon(lambda signum=signum: on_signal(signum))
+    _early.clear()
     loop.run()
     core.close_all()
     return 0
 
 
 def serve(cfg: config.Config) -> int:
+    _record_early_signals()
     socks = bind(cfg)
     for host, port in socks:
         shown = f"[{host}]" if ":" in host else host
@@ -120,8 +134,8 @@ class Master:
     def spawn(self) -> None:
         pid = os.fork()
         if pid == 0:
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                signal.signal(s, signal.SIG_DFL)
+            _early.clear()
+            _record_early_signals()
             code = 1
             try:
                 code = run_worker(self.cfg, self.socks)
@@ -131,6 +145,8 @@ class Master:
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = signum
+        for sock in self.socks.values():
+            sock.close()        # the workers close theirs: then the port refuses
         for pid in self.children:
             try:
                 os.kill(pid, signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM)
@@ -138,8 +154,11 @@ class Master:
                 pass
 
     def run(self) -> int:
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for s in SIGNALS:
             signal.signal(s, self.on_signal)
+        if _early:
+            self.on_signal(_early[-1], None)
+            return 0
         for _ in range(self.cfg.workers):
             self.spawn()
         print(f"expserver: master {os.getpid()} running {self.cfg.workers} workers",

@@ -198,8 +198,11 @@ cdef class Listener(Handle):
         self.watch(EPOLLIN)
 
     def stop(self):
+        """Stop accepting and close the socket, so the kernel refuses new connections."""
         self.unwatch()
         self.set_deadline(0)
+        self.paused = True
+        self.sock.close()
 
     cdef int on_events(self, uint32_t events) except -1:
         cdef sockaddr_storage sa

@@ -15,11 +15,14 @@ cdef class Pipe:
     cdef public Py_ssize_t size   # buffered bytes not yet sent (bytes items only)
     cdef public Py_ssize_t threshold
     cdef public long long sent    # total bytes written to the sink
+    cdef public int streams       # queued FileSegments and sources (each holds a file or more)
     cdef int push(self, bytes data) except -1
     cdef int push_file(self, int fd, long offset, long long length) except -1
     cdef int push_source(self, object iterator, bint chunked) except -1
     cdef inline bint full(self):
-        return self.size >= self.threshold
+        # a queued file or stream counts as full: one open file per connection at a time,
+        # whatever a pipelining client asks for
+        return self.size >= self.threshold or self.streams > 0
     cdef inline bint empty(self):
         return self.head == len(self.items)
     cdef int flush(self, int fd) except -2

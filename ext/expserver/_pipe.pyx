@@ -8,8 +8,9 @@ queued in the order they must be sent: ``bytes`` (response heads, small bodies),
 ``FileSegment`` (sent with ``sendfile``, never through user space) or an iterator source
 (e.g. a compressor) that is pulled for one chunk at a time, only when it reaches the head
 of the queue. So the bytes held in user space are bounded by what the connection queued
-itself plus one chunk; ``size`` counts them and ``full()`` (size >= threshold) is the
-backpressure signal: the owner stops reading new requests while its pipe is full.
+itself plus one chunk; ``size`` counts them and ``full()`` (size >= threshold, or a file or
+stream still queued) is the backpressure signal: the owner stops reading new requests while
+its pipe is full, so a pipelining client holds at most one open file at a time.
 
 ``flush`` gathers consecutive bytes items into one ``sendmsg`` (at most 64 iovecs) and
 passes MSG_MORE when a file follows, so a response head and a small file share a segment.
@@ -43,6 +44,7 @@ cdef class Pipe:
         self.head = 0
         self.off = 0
         self.size = 0
+        self.streams = 0
         self.threshold = threshold
         self.sent = 0
 
@@ -61,6 +63,7 @@ cdef class Pipe:
         seg.offset = offset
         seg.remaining = length
         self.items.append(seg)
+        self.streams += 1
         return 0
 
     cdef int push_source(self, object iterator, bint chunked) except -1:
@@ -68,6 +71,7 @@ cdef class Pipe:
         src.it = iter(iterator)
         src.chunked = chunked
         self.items.append(src)
+        self.streams += 1
         return 0
 
     cdef void clear(self):
@@ -82,6 +86,7 @@ cdef class Pipe:
         self.head = 0
         self.off = 0
         self.size = 0
+        self.streams = 0
 
     cdef int _pull(self, object source) except -1:
         cdef _Source src = <_Source>source
@@ -92,6 +97,7 @@ cdef class Pipe:
             while not chunk:
                 chunk = next(src.it)
         except StopIteration:
+            self.streams -= 1
             if src.chunked:
                 self.items[self.head] = LAST_CHUNK
                 self.size += len(LAST_CHUNK)
@@ -182,6 +188,7 @@ cdef class Pipe:
                     self.sent += r
                 close(seg.fd)
                 seg.fd = -1
+                self.streams -= 1
                 items[self.head] = None
                 self.head += 1
             else:

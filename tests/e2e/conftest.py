@@ -196,3 +196,26 @@ def request(served: Served, raw: bytes, head_only: bool = False) -> tuple[int, d
     with served.connect() as sock:
         sock.sendall(raw)
         return Reader(sock).response(head_only)
+
+
+@pytest.fixture(scope="module")
+def module_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One default server (a ``/`` file_serve route over ``root``) shared by a test module.
+
+    For tests that only need the defaults and use their own connections: it saves a process
+    start per test. It must exit 0 with no traceback at the end of the module.
+    """
+    tmp = tmp_path_factory.mktemp("module")
+    root = tmp / "www"
+    root.mkdir()
+    port = free_port()
+    path = tmp / "config.json"
+    path.write_text(json.dumps({"servers": [{
+        "listeners": [{"host": "127.0.0.1", "port": port}],
+        "routes": [{"req_path": "/", "type": "file_serve", "dir_path": str(root)}]}]}))
+    server = Server(["serve", "-c", str(path)])
+    server.wait_listening(port)
+    yield Served(server, port, root)
+    code = server.stop()
+    assert code == 0, server.stderr.decode()
+    assert b"Traceback" not in server.stderr, server.stderr.decode()

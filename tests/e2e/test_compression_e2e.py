@@ -65,31 +65,23 @@ def test_gzip(gz):
     assert "accept-ranges" not in headers
 
 
-@pytest.mark.parametrize("ae", ["gzip, deflate", "deflate, gzip;q=0.5", "GZIP", "x-gzip",
-                                "gzip;q=1.0", "*"])
-def test_gzip_accept_encoding_forms(start, tmp_path, ae):
-    root = tmp_path / "www"
-    root.mkdir()
-    served = start(routes=route(root, gzip_enable=True))
-    data = text(64 * 1024)
-    (root / "page.html").write_bytes(data)
-    status, headers, body = get(served, "/page.html", f"Accept-Encoding: {ae}")
-    assert headers["content-encoding"] == "gzip", ae
-    assert gzip.decompress(body) == data
-
-
-@pytest.mark.parametrize("ae", ["gzip;q=0", "gzip;q=0.000", "identity", "deflate", "br",
-                                "gzip;q=0.5, identity;q=1", "*;q=0, identity"])
-def test_identity_when_gzip_not_acceptable(start, tmp_path, ae):
+def test_gzip_accept_encoding_forms(start, tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     served = start(routes=route(root, gzip_enable=True))  # brotli off
     data = text(64 * 1024)
     (root / "page.html").write_bytes(data)
-    status, headers, body = get(served, "/page.html", f"Accept-Encoding: {ae}")
-    assert (status, body) == (200, data), ae
-    assert "content-encoding" not in headers
-    assert headers["vary"] == "Accept-Encoding"
+    for ae in ("gzip, deflate", "deflate, gzip;q=0.5", "GZIP", "x-gzip", "gzip;q=1.0", "*",
+               "br, gzip", " gzip ; q=0.8 "):
+        status, headers, body = get(served, "/page.html", f"Accept-Encoding: {ae}")
+        assert headers.get("content-encoding") == "gzip", ae
+        assert gzip.decompress(body) == data
+    for ae in ("gzip;q=0", "gzip;q=0.000", "identity", "deflate", "br",
+               "gzip;q=0.5, identity;q=1", "*;q=0, identity", "gzip;q=0, *"):
+        status, headers, body = get(served, "/page.html", f"Accept-Encoding: {ae}")
+        assert (status, body) == (200, data), ae
+        assert "content-encoding" not in headers, ae
+        assert headers["vary"] == "Accept-Encoding", ae
 
 
 def test_no_accept_encoding_is_identity_with_vary(gz):
@@ -231,6 +223,21 @@ def test_precompressed_sibling_served_as_is(start, tmp_path):
     # no Accept-Encoding: the original
     status, headers, body = get(served, "/app.js")
     assert (status, body) == (200, js)
+    assert "content-encoding" not in headers
+
+
+def test_gz_file_requested_by_name_is_not_content_encoded(start, tmp_path):
+    """``/x.js.gz`` is a gzip file (a download), not a gzip-encoded JavaScript response."""
+    root = tmp_path / "www"
+    root.mkdir()
+    served = start(routes=route(root, gzip_enable=True))
+    js = b"console.log(1);\n" * 100
+    (root / "x.js").write_bytes(js)
+    gz_bytes = gzip.compress(js)
+    (root / "x.js.gz").write_bytes(gz_bytes)
+    status, headers, body = get(served, "/x.js.gz", "Accept-Encoding: gzip")
+    assert (status, body) == (200, gz_bytes)
+    assert headers["content-type"] == "application/gzip"
     assert "content-encoding" not in headers
 
 

@@ -52,9 +52,10 @@ def assert_server_and_date(headers: dict[str, str]) -> None:
     assert abs(when - time.time()) < 60
 
 
-@pytest.fixture
-def served(start):
-    s = start()
+@pytest.fixture(scope="module")
+def served(module_served):
+    """Every test here uses its own connections, so they share one server."""
+    s = module_served
     (s.root / "a.txt").write_bytes(HELLO)
     (s.root / "b.html").write_bytes(b"<p>b</p>\n")
     (s.root / "big.bin").write_bytes(BIG)

@@ -6,7 +6,6 @@ costs bounded memory and descriptors; an idle server sleeps; many clients at onc
 served."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import select
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from .conftest import Reader, Served, Server, free_port, request
+from .conftest import Reader, request
 
 HELLO = b"hello\n"
 GET_A = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -102,23 +101,10 @@ def served(start):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(module_served):
     """One server for the many malformed-request cases (each on its own connection)."""
-    tmp = tmp_path_factory.mktemp("shared")
-    root = tmp / "www"
-    root.mkdir()
-    (root / "a.txt").write_bytes(HELLO)
-    port = free_port()
-    cfg = tmp / "config.json"
-    cfg.write_text(json.dumps({"servers": [{
-        "listeners": [{"host": "127.0.0.1", "port": port}],
-        "routes": [{"req_path": "/", "type": "file_serve", "dir_path": str(root)}]}]}))
-    server = Server(["serve", "-c", str(cfg)])
-    server.wait_listening(port)
-    yield Served(server, port, root)
-    code = server.stop()
-    assert code == 0, server.stderr.decode()
-    assert b"Traceback" not in server.stderr, server.stderr.decode()
+    (module_served.root / "a.txt").write_bytes(HELLO)
+    return module_served
 
 
 # ---------------------------------------------------------------------------- malformed
