@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import acl, config, routing, static
-from ._conn import error_body
+from .pages import page
 from .redirect import Redirect
 
 # Methods we know (RFC 9110 + PATCH): anything else is 501, as nginx does.
@@ -18,7 +18,7 @@ _HTML = b"Content-Type: text/html\r\n"
 
 
 def error(status: int) -> tuple[int, bytes, bytes]:
-    return status, _HTML, error_body(status)
+    return status, _HTML, page(status)
 
 
 def _not_yet(status: int) -> routing.Handler:
@@ -73,16 +73,7 @@ class App:
         table = self.hosts.select(req.host)
         if table is None:
             return error(404)
-        path = req.path
-        if b"//" in path:
-            path = _collapse(path)
-        handler = table.match(path)
+        handler = table.match(routing.match_path(req.path))
         if handler is None:
             return error(404)
         return handler(req)
-
-
-def _collapse(path: bytes) -> bytes:
-    while b"//" in path:
-        path = path.replace(b"//", b"/")
-    return path

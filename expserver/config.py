@@ -7,6 +7,10 @@ and the schema.json property - and a :class:`Spec` that checks the JSON value an
 dataclass itself: a field without a default is a required key. The tables drive validation,
 and tests compare them with the published schema.json, so the three cannot drift apart.
 
+Cascading keys (timeouts, max_body_size) may be set at the top level, per server and per route:
+an object that does not set one takes its parent's value, resolved here at load time, so every
+ServerConfig and RouteConfig carries the effective values and nothing downstream walks up.
+
 Errors: the first problem found raises :class:`ConfigError` with the JSON path of the value
 (``servers[0].routes[2].upstreams[1]``, or ``$`` for the document itself) and a reason. Bad
 input never escapes as any other exception: ``expserver check`` prints the error and exits 1.
@@ -21,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Generic, TypeVar
@@ -36,6 +40,19 @@ REQUIRED_BY_TYPE: dict[str, tuple[str, ...]] = {
     "redirect": ("redirect_url",),
     "reverse_proxy": ("upstreams",),
 }
+LB_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
+# Route keys that only mean something to a proxy: on another route type they are a mistake
+# (most likely a wrong "type"), so they are refused rather than silently ignored.
+PROXY_KEYS = (
+    "connect_timeout",
+    "upstream_read_timeout",
+    "upstream_send_timeout",
+    "lb_method",
+    "proxy_host_header",
+    "health_check",
+    "retries",
+    "upstream_keepalive",
+)
 
 
 class ConfigError(Exception):
@@ -57,6 +74,33 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream server, with nginx's ``server`` parameters (weight, max_fails, ...)."""
+
+    host: str  # IPv6 without brackets
+    port: int
+    weight: int = 1
+    max_fails: int = 1  # 0: never marked down by failures
+    fail_timeout: float = 10.0
+    backup: bool = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a config spells it (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    expect_status: int = 200
+    passes: int = 1  # consecutive successes that bring an unhealthy peer back
+    fails: int = 1  # consecutive failures that take a healthy peer out
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     req_path: str
     type: str
@@ -64,7 +108,7 @@ class RouteConfig:
     index: tuple[str, ...] = ("index.html",)
     autoindex: bool = True
     dotfiles: str = "deny"
-    upstreams: tuple[str, ...] = ()
+    upstreams: tuple[UpstreamConfig, ...] = ()
     http_status_code: int = 302
     redirect_url: str | None = None
     ip_whitelist: tuple[str, ...] = ()
@@ -74,6 +118,16 @@ class RouteConfig:
     brotli_enable: bool = False
     brotli_level: int = 4
     compress_min_length: int = 256
+    max_body_size: int = 1048576
+    body_timeout: float = 60.0
+    connect_timeout: float = 60.0
+    upstream_read_timeout: float = 60.0
+    upstream_send_timeout: float = 60.0
+    lb_method: str = "round_robin"
+    proxy_host_header: str = "client"
+    health_check: HealthCheckConfig | None = None
+    retries: int | None = None  # None: one attempt per upstream (len(upstreams) - 1 retries)
+    upstream_keepalive: int = 32
 
 
 @dataclass(frozen=True)
@@ -83,6 +137,14 @@ class ServerConfig:
     routes: tuple[RouteConfig, ...] = ()
     ip_whitelist: tuple[str, ...] = ()
     ip_blacklist: tuple[str, ...] = ()
+    keepalive_timeout: float = 75.0
+    header_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_body_size: int = 1048576
+    body_timeout: float = 60.0
+    connect_timeout: float = 60.0
+    upstream_read_timeout: float = 60.0
+    upstream_send_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +156,12 @@ class Config:
     header_timeout: float = 60.0
     send_timeout: float = 60.0
     max_body_size: int = 1048576
+    body_timeout: float = 60.0
+    connect_timeout: float = 60.0
+    upstream_read_timeout: float = 60.0
+    upstream_send_timeout: float = 60.0
+    max_connections: int = 10000
+    drain_timeout: float = 30.0
     source: str | None = None  # not a key: set by load()
 
 
@@ -150,6 +218,8 @@ def _join(path: str, key: str) -> str:
 @dataclass(frozen=True)
 class _Context:
     base_dir: str  # absolute; relative paths in the config resolve against it
+    # Effective values of the cascading keys of the enclosing objects.
+    inherited: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Spec:
@@ -269,6 +339,19 @@ class Array(Spec):
         return out
 
 
+@dataclass(frozen=True)
+class Nullable(Spec):
+    """A value that may also be null, meaning "off" (the dataclass default None)."""
+
+    inner: Spec
+
+    def check(self, value: object, path: str, ctx: _Context) -> object:
+        return None if value is None else self.inner.check(value, path, ctx)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "null"}, self.inner.schema()]}
+
+
 class Workers(Spec):
     """eXpServer's worker count, or "auto" for one per CPU (as nginx's worker_processes)."""
 
@@ -332,6 +415,21 @@ def _upstream(text: str, path: str, ctx: _Context) -> str:
     return text
 
 
+def _check_path(text: str, path: str, ctx: _Context) -> str:
+    # Sent raw in a request line: CR/LF would inject fields, a space would split the line.
+    if not text.startswith("/") or _UNSAFE.search(text) or "#" in text:
+        reason = 'must start with "/" and not contain spaces, control characters or "#", got '
+        raise ConfigError(path, reason + _show(text))
+    return text
+
+
+def _host_header(text: str, path: str, ctx: _Context) -> str:
+    if not text or not all("!" <= c <= "~" for c in text):
+        reason = '"client", "upstream" or a Host value (printable ASCII, no spaces)'
+        raise ConfigError(path, f"must be {reason}, got {_show(text)}")
+    return text
+
+
 def _network(text: str, path: str, ctx: _Context) -> str:
     try:
         parse_network(text)
@@ -388,6 +486,9 @@ T = TypeVar("T")
 class Field:
     name: str  # the JSON key and the dataclass field
     spec: Spec
+    # Cascading: when absent, the value of the enclosing object (route < server < top level);
+    # checked before the object's other keys, as the objects nested in it inherit it.
+    cascade: bool = False
 
 
 @dataclass(frozen=True)
@@ -397,6 +498,9 @@ class Table(Generic[T]):
     fields: tuple[Field, ...]
     # Checks across fields, run once all fields are valid: (values, path of the object).
     finish: Callable[[dict[str, Any], str], None] | None = None
+    # Builds the dataclass from the checked values, where keys and fields differ (an upstream's
+    # "address" becomes host and port); default: cls(**values).
+    make: Callable[[dict[str, Any]], T] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -430,6 +534,26 @@ class Nested(Spec, Generic[T]):
         return {"$ref": f"#/$defs/{self.table.name}"}
 
 
+class Upstream(Spec):
+    """An upstream: eXpServer's ``"host:port"`` string, or an object with nginx's parameters."""
+
+    def check(self, value: object, path: str, ctx: _Context) -> object:
+        if isinstance(value, str):
+            return _make_upstream({"address": _upstream(value, path, ctx)})
+        if isinstance(value, dict):
+            return _build(UPSTREAM, value, path, ctx)
+        raise _expected(path, 'a "host:port" string or an object', value)
+
+    def schema(self) -> dict[str, Any]:
+        string = {"type": "string", "pattern": _UPSTREAM_PATTERN}
+        return {"oneOf": [string, {"$ref": f"#/$defs/{UPSTREAM.name}"}]}
+
+
+def _make_upstream(values: dict[str, Any]) -> UpstreamConfig:
+    host, port = split_host_port(values.pop("address"))  # checked by _upstream already
+    return UpstreamConfig(host, port, **values)
+
+
 def _finish_route(values: dict[str, Any], path: str) -> None:
     kind = values["type"]
     for key in REQUIRED_BY_TYPE.get(kind, ()):
@@ -437,6 +561,14 @@ def _finish_route(values: dict[str, Any], path: str) -> None:
             raise ConfigError(path, f"{key} is required for a {kind} route")
     if kind == "reverse_proxy" and not values["upstreams"]:
         raise ConfigError(_join(path, "upstreams"), "must not be empty for a reverse_proxy route")
+    if kind == "reverse_proxy" and all(u.backup for u in values["upstreams"]):
+        # Backups stand in for primaries that are down; with no primary nothing is backed up.
+        reason = "at least one upstream must not be a backup"
+        raise ConfigError(_join(path, "upstreams"), reason)
+    if kind != "reverse_proxy":
+        for key in PROXY_KEYS:
+            if key in values:
+                raise ConfigError(_join(path, key), "only applies to a reverse_proxy route")
     if kind == "file_serve":
         directory = values["dir_path"]
         if not os.path.exists(directory):
@@ -464,6 +596,7 @@ _UPSTREAM_PATTERN = "^(\\[[^\\]]+\\]|[A-Za-z0-9._-]+):[0-9]{1,5}$"
 _URL_PATTERN = "^[^\\x00-\\x20\\x7f]+$"
 _HOSTNAME_PATTERN = "^[\\x21-\\x7e]+$"
 _HEADER_PATTERN = "^[\\x20-\\x7e]+$"
+_CHECK_PATH_PATTERN = "^/[^\\x00-\\x20\\x7f#]*$"
 
 
 def _pattern(check: StringCheck, pattern: str) -> String:
@@ -474,12 +607,57 @@ def _acl_list() -> Array:
     return Array(String(extra=_network))
 
 
+def _cascading(name: str, spec: Spec) -> Field:
+    return Field(name, spec, cascade=True)
+
+
+# Cascading keys of a connection (server level and up: the head is read before any route is
+# known) and of a request (route level and up).
+CONNECTION_LIMITS = (
+    _cascading("keepalive_timeout", Seconds()),
+    _cascading("header_timeout", Seconds()),
+    _cascading("send_timeout", Seconds()),
+)
+REQUEST_LIMITS = (
+    _cascading("max_body_size", Integer(0)),
+    _cascading("body_timeout", Seconds()),
+    _cascading("connect_timeout", Seconds()),
+    _cascading("upstream_read_timeout", Seconds()),
+    _cascading("upstream_send_timeout", Seconds()),
+)
+
 LISTENER = Table(
     "listener",
     ListenerConfig,
     (
         Field("host", String()),
         Field("port", Integer(1, 65535)),
+    ),
+)
+
+UPSTREAM = Table(
+    "upstream",
+    UpstreamConfig,
+    (
+        Field("address", _pattern(_upstream, _UPSTREAM_PATTERN)),
+        Field("weight", Integer(1, 1000)),
+        Field("max_fails", Integer(0)),
+        Field("fail_timeout", Seconds()),
+        Field("backup", Boolean()),
+    ),
+    make=_make_upstream,
+)
+
+HEALTH_CHECK = Table(
+    "health_check",
+    HealthCheckConfig,
+    (
+        Field("path", _pattern(_check_path, _CHECK_PATH_PATTERN)),
+        Field("interval", Seconds()),
+        Field("timeout", Seconds()),
+        Field("expect_status", Integer(100, 599)),
+        Field("passes", Integer(1)),
+        Field("fails", Integer(1)),
     ),
 )
 
@@ -493,7 +671,7 @@ ROUTE = Table(
         Field("index", Array(_pattern(_file_name, _FILE_NAME_PATTERN))),
         Field("autoindex", Boolean()),
         Field("dotfiles", String(choices=("deny", "allow"))),
-        Field("upstreams", Array(_pattern(_upstream, _UPSTREAM_PATTERN))),
+        Field("upstreams", Array(Upstream())),
         Field("http_status_code", Integer(choices=REDIRECT_CODES)),
         Field("redirect_url", _pattern(_url, _URL_PATTERN)),
         Field("ip_whitelist", _acl_list()),
@@ -503,6 +681,12 @@ ROUTE = Table(
         Field("brotli_enable", Boolean()),
         Field("brotli_level", Integer(0, 11)),
         Field("compress_min_length", Integer(0)),
+        *REQUEST_LIMITS,
+        Field("lb_method", String(choices=LB_METHODS)),
+        Field("proxy_host_header", _pattern(_host_header, _HOSTNAME_PATTERN)),
+        Field("health_check", Nullable(Nested(HEALTH_CHECK))),
+        Field("retries", Integer(0)),
+        Field("upstream_keepalive", Integer(0)),
     ),
     finish=_finish_route,
 )
@@ -516,6 +700,8 @@ SERVER = Table(
         Field("routes", Array(Nested(ROUTE))),
         Field("ip_whitelist", _acl_list()),
         Field("ip_blacklist", _acl_list()),
+        *CONNECTION_LIMITS,
+        *REQUEST_LIMITS,
     ),
     finish=_finish_server,
 )
@@ -527,14 +713,14 @@ ROOT = Table(
         Field("servers", Array(Nested(SERVER), min_items=1)),
         Field("server_name", _pattern(_header_value, _HEADER_PATTERN)),
         Field("workers", Workers()),
-        Field("keepalive_timeout", Seconds()),
-        Field("header_timeout", Seconds()),
-        Field("send_timeout", Seconds()),
-        Field("max_body_size", Integer(0)),
+        *CONNECTION_LIMITS,
+        *REQUEST_LIMITS,
+        Field("max_connections", Integer(1)),
+        Field("drain_timeout", Seconds()),
     ),
 )
 
-TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE)
+TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE, UPSTREAM, HEALTH_CHECK)
 
 
 def _build(table: Table[T], value: object, path: str, ctx: _Context) -> T:
@@ -548,15 +734,32 @@ def _build(table: Table[T], value: object, path: str, ctx: _Context) -> T:
         if key not in names:  # a typo must not silently fall back to a default
             raise ConfigError(_join(path, str(key)), "unknown key" + _did_you_mean(str(key), names))
     values: dict[str, Any] = {}
-    required = table.required
-    for field in table.fields:
+    # Cascading keys first (they have defaults, so are never required): the objects nested in
+    # this one take this one's effective values as theirs.
+    cascading = [f for f in table.fields if f.cascade]
+    for field in cascading:
         if field.name in value:
             values[field.name] = field.spec.check(value[field.name], _join(path, field.name), ctx)
+    effective = {f.name: _inherit(f.name, values, ctx, table) for f in cascading}
+    inner = dataclasses.replace(ctx, inherited={**ctx.inherited, **effective}) if cascading else ctx
+    required = table.required
+    for field in table.fields:
+        if field.cascade:
+            continue
+        if field.name in value:
+            values[field.name] = field.spec.check(value[field.name], _join(path, field.name), inner)
         elif field.name in required:
             raise ConfigError(path, f"{field.name} is required")
     if table.finish is not None:
-        table.finish(values, path)
-    return table.cls(**values)
+        table.finish(values, path)  # before inheriting, so it sees only the keys given
+    values.update(effective)
+    return table.make(values) if table.make else table.cls(**values)
+
+
+def _inherit(name: str, values: dict[str, Any], ctx: _Context, table: Table[Any]) -> Any:
+    if name in values:
+        return values[name]
+    return ctx.inherited.get(name, table.defaults[name])
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -666,6 +869,12 @@ def _acl_text(whitelist: tuple[str, ...], blacklist: tuple[str, ...]) -> list[st
     return parts
 
 
+def _upstream_text(upstream: UpstreamConfig) -> str:
+    params = [f"weight {upstream.weight}"] if upstream.weight != 1 else []
+    params += ["backup"] if upstream.backup else []
+    return upstream.address + (f" ({', '.join(params)})" if params else "")
+
+
 def _route_text(route: RouteConfig) -> str:
     if route.type == "file_serve":
         parts = [f"{route.dir_path}", "index " + (" ".join(route.index) or "-")]
@@ -675,7 +884,10 @@ def _route_text(route: RouteConfig) -> str:
     elif route.type == "redirect":
         parts = [f"{route.http_status_code} {route.redirect_url}"]
     elif route.type == "reverse_proxy":
-        parts = [" ".join(route.upstreams)]
+        parts = [" ".join(_upstream_text(u) for u in route.upstreams), route.lb_method]
+        if route.health_check:
+            check = route.health_check
+            parts.append(f"health check {check.path} every {check.interval:g}s")
     else:
         parts = []
     if route.gzip_enable:
@@ -686,14 +898,44 @@ def _route_text(route: RouteConfig) -> str:
     return route.type + (" " + ", ".join(parts) if parts else "")
 
 
+_LIMIT_NAMES = {
+    "keepalive_timeout": "keepalive",
+    "header_timeout": "header",
+    "send_timeout": "send",
+    "body_timeout": "body",
+    "connect_timeout": "connect",
+    "upstream_read_timeout": "upstream read",
+    "upstream_send_timeout": "upstream send",
+}
+
+
+Limited = Config | ServerConfig | RouteConfig
+
+
+def _limits_text(obj: Limited, parent: Config | ServerConfig | None) -> str:
+    """The cascading values of ``obj`` that differ from ``parent``'s (all of them if None)."""
+    parts = []
+    for name, word in _LIMIT_NAMES.items():
+        value = getattr(obj, name, None)
+        if value is not None and (parent is None or value != getattr(parent, name)):
+            parts.append(f"{word} {value:g}s")
+    text = "timeouts " + ", ".join(parts) if parts else ""
+    size = obj.max_body_size
+    if parent is None or size != parent.max_body_size:
+        text += ("; " if text else "") + "max_body_size "
+        text += f"{size} bytes" if size else "unlimited"
+    return text
+
+
 def summary(cfg: Config) -> str:
     """A human-readable account of ``cfg``, one line per server and per route."""
     lines = [
-        f"config {cfg.source or '(built in)'}: {len(cfg.servers)} server(s), "
-        f"{cfg.workers} worker(s), server_name {_show(cfg.server_name)}",
-        f"timeouts: keepalive {cfg.keepalive_timeout:g}s, header {cfg.header_timeout:g}s, "
-        f"send {cfg.send_timeout:g}s; max_body_size "
-        + (f"{cfg.max_body_size} bytes" if cfg.max_body_size else "unlimited"),
+        (
+            f"config {cfg.source or '(built in)'}: {len(cfg.servers)} server(s), "
+            f"{cfg.workers} worker(s), server_name {_show(cfg.server_name)}"
+        ),
+        "timeouts: " + _limits_text(cfg, None).removeprefix("timeouts "),
+        f"max_connections {cfg.max_connections} per worker, drain_timeout {cfg.drain_timeout:g}s",
     ]
     for i, server in enumerate(cfg.servers):
         head = [
@@ -701,10 +943,13 @@ def summary(cfg: Config) -> str:
             "hostnames " + (" ".join(server.hostnames) or "any"),
             *_acl_text(server.ip_whitelist, server.ip_blacklist),
         ]
-        lines.append(f"servers[{i}]: " + "; ".join(head))
+        own = _limits_text(server, cfg)
+        lines.append(f"servers[{i}]: " + "; ".join(head) + (f"; {own}" if own else ""))
         width = max((len(route.req_path) for route in server.routes), default=0)
         for route in server.routes:
+            own = _limits_text(route, server)
             lines.append(f"  {route.req_path:<{width}} -> {_route_text(route)}")
+            lines[-1] += f"; {own}" if own else ""
         if not server.routes:
             lines.append("  (no routes: every request answers 404)")
     return "\n".join(lines)

@@ -7,10 +7,30 @@ Route: the longest ``req_path`` that is a prefix of the path on ``/`` boundaries
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 Handler = Callable[[Any], tuple[int, bytes, object]]
+
+
+_ENCODED_SLASH = re.compile(rb"%2[fF]")
+_SLASHES = re.compile(rb"//+")
+
+
+def match_path(raw: bytes) -> bytes:
+    """The path routes are matched against: percent-decoded once, ``//`` collapsed.
+
+    Matching the raw path would let ``/%70rivate`` miss a ``/private`` route (and its ACL)
+    and land in ``/``. An encoded slash stays encoded: it must not create a boundary. Bad
+    encodings are left as they are; the route's handler refuses them.
+    """
+    if b"%" in raw:
+        raw = b"%2F".join(unquote_to_bytes(part) for part in _ENCODED_SLASH.split(raw))
+    if b"//" in raw:
+        raw = _SLASHES.sub(b"/", raw)
+    return raw
 
 
 class RouteTable:
@@ -47,6 +67,8 @@ class VirtualHosts:
     def select(self, host: bytes) -> Any:
         if self._any:
             return self._servers[0][1]
+        if host.endswith(b"."):
+            host = host[:-1]  # "example.com." is the same name, fully qualified
         for names, server in self._servers:
             if not names or host in names:
                 return server

@@ -65,6 +65,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from expserver import compression, httpdate, listing, mime
+from expserver.pages import page
 from expserver.response import FileRange
 
 Response = tuple[int, bytes, object]
@@ -114,34 +115,17 @@ class Route(Protocol):
     def compress_min_length(self) -> int: ...
 
 
-_REASONS = {
-    301: "Moved Permanently",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    412: "Precondition Failed",
-    416: "Range Not Satisfiable",
-}
 _HTML = b"Content-Type: text/html\r\n"
 
 
-def _page(status: int) -> bytes:
-    text = f"{status} {_REASONS[status]}"
-    return (
-        f"<!DOCTYPE html>\n<html>\n<head><title>{text}</title></head>\n"
-        f"<body>\n<h1>{text}</h1>\n<hr><p>eXpServer</p>\n</body>\n</html>\n"
-    ).encode("ascii")
-
-
 # Error answers are constants: built once, shared by every request.
-_E400: Response = (400, _HTML, _page(400))
-_E403: Response = (403, _HTML, _page(403))
-_E404: Response = (404, _HTML, _page(404))
-_E405: Response = (405, b"Allow: GET, HEAD\r\n" + _HTML, _page(405))
-_E412: Response = (412, _HTML, _page(412))
-_P301 = _page(301)
-_P416 = _page(416)
+_E400: Response = (400, _HTML, page(400))
+_E403: Response = (403, _HTML, page(403))
+_E404: Response = (404, _HTML, page(404))
+_E405: Response = (405, b"Allow: GET, HEAD\r\n" + _HTML, page(405))
+_E412: Response = (412, _HTML, page(412))
+_P301 = page(301)
+_P416 = page(416)
 
 # "%xx" (any case) -> the byte; anything else is invalid percent-encoding.
 _HEXDIGITS = b"0123456789abcdefABCDEF"
@@ -209,7 +193,13 @@ class _Meta:
         mtime = st.st_mtime_ns // 1_000_000_000
         self.mtime = mtime
         suffix = b"" if not encoding else b"-br" if encoding == b"br" else b"-gz"
-        self.etag = b'"%x-%x%s"' % (mtime, st.st_size, suffix)
+        # nginx's "<mtime>-<size>", plus the sub-second part when there is one: an edit that
+        # keeps the size within the same second must still change the tag
+        ns = st.st_mtime_ns % 1_000_000_000
+        if ns:
+            self.etag = b'"%x.%x-%x%s"' % (mtime, ns, st.st_size, suffix)
+        else:
+            self.etag = b'"%x-%x%s"' % (mtime, st.st_size, suffix)
         self.lm = httpdate.format(mtime).encode("ascii")
         common = b"Last-Modified: " + self.lm + b"\r\nETag: " + self.etag + b"\r\n"
         if vary:

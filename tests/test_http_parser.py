@@ -9,8 +9,9 @@ the same error status, every way.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 
@@ -89,7 +90,7 @@ def bytewise(data: bytes) -> list[bytes]:
 def check(data: bytes, expected: Any, chunks: list[bytes]) -> str | None:
     """None when feeding ``chunks`` gives the corpus result, else what went wrong."""
     got = run(chunks)
-    if isinstance(expected, dict):   # invalid: only the status is fixed (requests
+    if isinstance(expected, dict):  # invalid: only the status is fixed (requests
         # completed in the same feed as the error are not returned)
         if got.status != expected["status"]:
             return f"expected error {expected['status']}, got {got!r}"
@@ -121,7 +122,7 @@ def feed_modes(name: str, data: bytes, expected: Any, mode: str) -> None:
             if e is not None:
                 errs.append(f"split at {i}: {e}")
         err = "; ".join(errs[:3]) + f" ({len(errs)} offsets fail)" if errs else None
-    else:   # the next request's first bytes arrive with this one: nothing changes
+    else:  # the next request's first bytes arrive with this one: nothing changes
         got = run([data + NEXT_PARTIAL])
         if isinstance(expected, dict):
             err = None if got.status == expected["status"] else f"got {got!r}"
@@ -191,7 +192,7 @@ def test_pending_counts_bytes_of_the_incomplete_request() -> None:
     assert parser.feed(b"GET / HTTP/1.1\r\nHo") == []
     assert parser.pending == 18
     [req] = parser.feed(b"st: h\r\n\r\nPOST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n12")
-    assert req.method == b"GET" and parser.pending == 0   # body bytes are consumed as read
+    assert req.method == b"GET" and parser.pending == 0  # body bytes are consumed as read
     assert parser.feed(b"345") == [] and parser.pending == 0
     [post] = parser.feed(b"67890GET")
     assert post.body == b"1234567890" and parser.pending == 3
@@ -201,7 +202,7 @@ def test_requests_come_out_as_soon_as_complete() -> None:
     parser = RequestParser()
     assert parser.feed(GET[:-1]) == []
     [req] = parser.feed(GET[-1:])
-    assert req.body == b""   # no body: done at the end of the head
+    assert req.body == b""  # no body: done at the end of the head
     head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert parser.feed(head + b"3\r\nabc\r\n0\r\n\r") == []
     [post] = parser.feed(b"\n")
@@ -216,7 +217,7 @@ def test_request_get_returns_the_first_value() -> None:
 
 
 def test_large_body_in_many_pieces() -> None:
-    body = bytes(range(256)) * 4096   # 1 MiB
+    body = bytes(range(256)) * 4096  # 1 MiB
     parser = RequestParser()
     got: list[Request] = []
     got += parser.feed(b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body))
@@ -227,7 +228,7 @@ def test_large_body_in_many_pieces() -> None:
 
 @pytest.mark.parametrize("limit", [16, 100, 1000])
 def test_max_line_is_configurable(limit: int) -> None:
-    def line(n: int) -> bytes:   # a request line of n bytes
+    def line(n: int) -> bytes:  # a request line of n bytes
         return b"GET /" + b"a" * (n - 14) + b" HTTP/1.1\r\nHost: h\r\n\r\n"
 
     assert status_of(line(limit), max_line=limit) is None
@@ -237,7 +238,7 @@ def test_max_line_is_configurable(limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [8, 100, 1000])
 def test_max_field_is_configurable(limit: int) -> None:
-    def field(n: int) -> bytes:   # a field line of n bytes
+    def field(n: int) -> bytes:  # a field line of n bytes
         return b"GET / HTTP/1.1\r\nHost: h\r\nX:" + b"v" * (n - 2) + b"\r\n\r\n"
 
     assert status_of(field(limit), max_field=limit) is None
@@ -256,7 +257,7 @@ def test_max_fields_is_configurable() -> None:
 
 @pytest.mark.parametrize("limit", [64, 500])
 def test_max_head_is_configurable(limit: int) -> None:
-    def head(n: int) -> bytes:   # a head of exactly n bytes, final CRLF included
+    def head(n: int) -> bytes:  # a head of exactly n bytes, final CRLF included
         start = b"GET / HTTP/1.1\r\nHost: h\r\nX: "
         return start + b"v" * (n - len(start) - 4) + b"\r\n\r\n"
 

@@ -18,10 +18,10 @@ import httptools
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from expserver._http import HttpError, RequestParser
-
 # pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode): share the model
 from test_parser_properties import pipelines
+
+from expserver._http import HttpError, RequestParser
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -81,12 +81,19 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     "3.2.3); llhttp and h11 take any target for any method",
     "invalid/target_asterisk_get": "asterisk-form is for OPTIONS only (RFC 9112 3.2.4); "
     "llhttp and h11 accept '*' for GET",
-    "invalid/host_with_slash": "'a/b' is not a valid Host; llhttp and h11 do not check Host "
-    "syntax",
-    "invalid/host_with_space": "'a b' is not a valid Host; llhttp and h11 do not check Host "
-    "syntax",
+    "invalid/host_with_slash": "'a/b' is not a valid Host; llhttp and h11 do not check Host syntax",
+    "invalid/host_with_space": "'a b' is not a valid Host; llhttp and h11 do not check Host syntax",
     "invalid/host_with_userinfo": "'user@host' is not a valid Host; llhttp and h11 do not "
     "check Host syntax",
+    "invalid/host_port_not_digits": "a port is digits only (RFC 3986 3.2.3); llhttp and h11 "
+    "do not check Host syntax",
+    "invalid/host_two_colons": "'a:1:2' is not host[:port]; llhttp and h11 do not check "
+    "Host syntax",
+    "invalid/host_ipv6_unclosed": "an IP-literal needs its ']'; llhttp and h11 do not check "
+    "Host syntax",
+    "invalid/absolute_form_empty_host_with_port": "'http://:80/' has an empty host (RFC "
+    "9110 4.2.1); h11 does not parse targets",
+    "invalid/absolute_form_bad_port": "a port is digits only; h11 does not parse targets",
     "invalid/duplicate_host": "two Host fields are a 400; llhttp does not count Host fields",
     "invalid/duplicate_host_same": "two Host fields are a 400 even when equal; llhttp does "
     "not count Host fields",
@@ -97,8 +104,7 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # -- framing (the smuggling surface: one reading only)
     "invalid/cl_and_te": "RFC 9112 6.1 lets a server reject Content-Length with "
     "Transfer-Encoding, and we do; h11 lets chunked win",
-    "invalid/te_and_cl": "Transfer-Encoding with Content-Length is a 400; h11 lets chunked "
-    "win",
+    "invalid/te_and_cl": "Transfer-Encoding with Content-Length is a 400; h11 lets chunked win",
     "invalid/cl_duplicate_same": "any repeated Content-Length is a 400 (as llhttp); h11 "
     "accepts identical values (RFC 9110 8.6 allows either)",
     "invalid/cl_list": "a Content-Length list '5, 5' is a 400 (as llhttp); h11 accepts "
@@ -128,8 +134,7 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     "(RFC 9112 9.6); llhttp keeps the connection open",
     # -- limits: ours are nginx-sized and counted per line; llhttp has none and h11 one
     #    bound (16 KiB) on a head that is still incomplete
-    "invalid/fields_101": "we cap a head at 100 fields (431); llhttp and h11 have no count "
-    "limit",
+    "invalid/fields_101": "we cap a head at 100 fields (431); llhttp and h11 have no count limit",
     "invalid/request_line_8193": "we cap the request line at 8192 bytes (414)",
     "invalid/target_very_long": "we cap the request line at 8192 bytes (414)",
     "invalid/method_very_long": "a 9000-byte method is over our request-line limit",
@@ -163,8 +168,14 @@ def run_expserver(data: bytes) -> tuple[str, list[tuple[Any, ...]]]:
     except HttpError:
         return "reject", []
     out = [
-        (r.method, r.target, b"1.1" if r.version == 11 else b"1.0", list(r.headers),
-         bool(r.keep_alive), r.body)
+        (
+            r.method,
+            r.target,
+            b"1.1" if r.version == 11 else b"1.0",
+            list(r.headers),
+            bool(r.keep_alive),
+            r.body,
+        )
         for r in reqs
     ]
     return ("incomplete" if parser.pending else "accept"), out
@@ -184,7 +195,7 @@ class _HttptoolsProtocol:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
-        if "head" not in self.current:   # llhttp reports trailer fields here too
+        if "head" not in self.current:  # llhttp reports trailer fields here too
             # llhttp hands over trailing OWS, which is not part of the value (RFC 9112 5)
             self.current["headers"].append((name.lower(), value.rstrip(b" \t")))
 
@@ -208,9 +219,9 @@ class _HttptoolsProtocol:
 
 def run_httptools(data: bytes) -> tuple[str, list[tuple[Any, ...]]]:
     proto = _HttptoolsProtocol()
-    proto.parser = httptools.HttpRequestParser(proto)   # type: ignore[attr-defined]
+    proto.parser = httptools.HttpRequestParser(proto)  # type: ignore[attr-defined]
     try:
-        proto.parser.feed_data(data)   # type: ignore[attr-defined]
+        proto.parser.feed_data(data)  # type: ignore[attr-defined]
         verdict = "incomplete" if proto.current is not None else "accept"
     except httptools.HttpParserError:
         verdict = "reject"
@@ -232,8 +243,14 @@ def run_h11(data: bytes) -> tuple[str, list[tuple[Any, ...]]]:
             if event is h11.NEED_DATA:
                 break
             if isinstance(event, h11.Request):
-                current = [event.method, event.target, event.http_version,
-                           [(n, v) for n, v in event.headers], None, b""]
+                current = [
+                    event.method,
+                    event.target,
+                    event.http_version,
+                    [(n, v) for n, v in event.headers],
+                    None,
+                    b"",
+                ]
             elif isinstance(event, h11.Data):
                 assert current is not None
                 current[5] += event.data
@@ -246,7 +263,7 @@ def run_h11(data: bytes) -> tuple[str, list[tuple[Any, ...]]]:
                 out.append(tuple(current))
                 current = None
                 if conn.our_state is not h11.DONE:
-                    break   # h11 closes after this request: the rest is never read
+                    break  # h11 closes after this request: the rest is never read
                 conn.start_next_cycle()
             else:
                 break
@@ -281,19 +298,24 @@ def compare(data: bytes) -> tuple[bool, dict[str, Any]]:
 
 
 def describe(outcomes: dict[str, Any]) -> str:
-    return "\n".join(f"  {name}: {verdict} {reqs!r}"[:600]
-                     for name, (verdict, reqs) in outcomes.items())
+    return "\n".join(
+        f"  {name}: {verdict} {reqs!r}"[:600] for name, (verdict, reqs) in outcomes.items()
+    )
 
 
 @pytest.mark.parametrize(("name", "data"), CASES, ids=[n for n, _ in CASES])
 def test_corpus_case(name: str, data: bytes) -> None:
     differs, outcomes = compare(data)
     if name in INTENDED_DIFFERENCES:
-        assert differs, (f"{name} no longer differs from httptools/h11: remove it from "
-                         f"INTENDED_DIFFERENCES\n{describe(outcomes)}")
+        assert differs, (
+            f"{name} no longer differs from httptools/h11: remove it from "
+            f"INTENDED_DIFFERENCES\n{describe(outcomes)}"
+        )
     else:
-        assert not differs, (f"{name}: the parsers disagree; fix expserver or allow-list "
-                             f"the case with the reason\n{describe(outcomes)}")
+        assert not differs, (
+            f"{name}: the parsers disagree; fix expserver or allow-list "
+            f"the case with the reason\n{describe(outcomes)}"
+        )
 
 
 def test_allow_list_names_corpus_cases() -> None:

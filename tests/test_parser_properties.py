@@ -29,8 +29,11 @@ HOST_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."
 SEMANTIC = {"host", "content-length", "transfer-encoding", "connection", "expect"}
 PEER_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
-FAST = settings(max_examples=200, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def latin1(alphabet: str, min_size: int = 0, max_size: int = 20) -> st.SearchStrategy[str]:
@@ -38,8 +41,9 @@ def latin1(alphabet: str, min_size: int = 0, max_size: int = 20) -> st.SearchStr
 
 
 @st.composite
-def field_values(draw: st.DrawFn, peer_safe: bool) -> str:
-    """field-value = words of field-vchar joined by runs of SP / HTAB (no edge OWS)."""
+def field_values(draw: st.DrawFn) -> str:
+    """field-value = words of field-vchar (obs-text included: every peer takes it) joined
+    by runs of SP / HTAB, without OWS at either edge."""
     vchars = VCHAR + OBS_TEXT
     words = draw(st.lists(latin1(vchars, 1, 8), max_size=4))
     seps = [draw(latin1(" \t", 1, 3)) for _ in words[1:]]
@@ -59,21 +63,28 @@ class Pipeline:
 
 def encode_chunked(draw: st.DrawFn, body: bytes, peer_safe: bool) -> bytes:
     """``body`` cut at random points, sizes spelt in random hex, with random extensions."""
-    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=5))) \
-        if len(body) > 1 else []
+    cuts = (
+        sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=5)))
+        if len(body) > 1
+        else []
+    )
     pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)]) if body[a:b]]
     out = b""
     for piece in pieces + [b""]:
-        size = "%x" % len(piece)
+        size = f"{len(piece):x}"
         if draw(st.booleans()):
             size = size.upper()
         size = "0" * draw(st.integers(0, 16 - len(size))) + size
         ext = ""
         for _ in range(draw(st.integers(0, 2))):
             name = draw(latin1(TCHAR, 1, 6))
-            value = draw(st.one_of(st.none(), latin1(TCHAR, 1, 6),
-                                   latin1(VCHAR.replace('"', "").replace("\\", ""), 0, 6)
-                                   .map(lambda v: f'"{v}"')))
+            value = draw(
+                st.one_of(
+                    st.none(),
+                    latin1(TCHAR, 1, 6),
+                    latin1(VCHAR.replace('"', "").replace("\\", ""), 0, 6).map(lambda v: f'"{v}"'),
+                )
+            )
             bws = "" if peer_safe else draw(st.sampled_from(["", " ", "\t "]))
             ext += f"{bws};{name}" + ("" if value is None else f"={value}")
         out += (size + ext).encode("latin-1") + b"\r\n"
@@ -81,8 +92,13 @@ def encode_chunked(draw: st.DrawFn, body: bytes, peer_safe: bool) -> bytes:
             out += piece + b"\r\n"
     if not peer_safe:
         for _ in range(draw(st.integers(0, 2))):
-            out += (draw(latin1(TCHAR, 1, 8)) + ":" + draw(latin1(" \t", 0, 2))
-                    + draw(field_values(False)) + "\r\n").encode("latin-1")
+            out += (
+                draw(latin1(TCHAR, 1, 8))
+                + ":"
+                + draw(latin1(" \t", 0, 2))
+                + draw(field_values())
+                + "\r\n"
+            ).encode("latin-1")
     return out + b"\r\n"
 
 
@@ -102,7 +118,7 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
     query = draw(st.one_of(st.none(), latin1(PATH_SAFE + "?" if peer_safe else VCHAR + OBS_TEXT)))
     target = path if query is None else f"{path}?{query}"
 
-    fields: list[tuple[str, str]] = []   # (raw name, value) in the order sent
+    fields: list[tuple[str, str]] = []  # (raw name, value) in the order sent
     raw_lines: list[str] = []
 
     def add(name: str, value: str, ows: str = " \t") -> None:
@@ -112,8 +128,9 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
         fields.append((name.lower(), value))
 
     names = st.text(alphabet=TCHAR, min_size=1, max_size=12).filter(
-        lambda n: n.lower() not in SEMANTIC)
-    extra = draw(st.lists(st.tuples(names, field_values(peer_safe)), max_size=6))
+        lambda n: n.lower() not in SEMANTIC
+    )
+    extra = draw(st.lists(st.tuples(names, field_values()), max_size=6))
 
     host = ""
     has_host = version == 11 or draw(st.booleans())
@@ -132,8 +149,10 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
         if i == host_at and has_host:
             host_name = draw(latin1(HOST_NAME, 1, 20))
             port = draw(st.one_of(st.none(), st.integers(0, 65535)))
-            add(draw(st.sampled_from(["Host", "host", "HOST"])),
-                host_name + ("" if port is None else f":{port}"))
+            add(
+                draw(st.sampled_from(["Host", "host", "HOST"])),
+                host_name + ("" if port is None else f":{port}"),
+            )
             host = host_name.lower()
         if name:
             add(name, value)
@@ -157,10 +176,18 @@ def requests_(draw: st.DrawFn, peer_safe: bool = False, keep: bool = False) -> P
         body = b""
     keep_alive = (conn is None) if version == 11 else (conn == "keep-alive")
     expected = {
-        "method": method, "target": target, "path": path, "query": query or "",
-        "version": version, "headers": [[n, v] for n, v in fields], "host": host,
-        "content_length": content_length, "chunked": framing == "chunked",
-        "keep_alive": keep_alive, "expect_continue": False, "body": body.decode("latin-1"),
+        "method": method,
+        "target": target,
+        "path": path,
+        "query": query or "",
+        "version": version,
+        "headers": [[n, v] for n, v in fields],
+        "host": host,
+        "content_length": content_length,
+        "chunked": framing == "chunked",
+        "keep_alive": keep_alive,
+        "expect_continue": False,
+        "body": body.decode("latin-1"),
     }
     return Pipeline(data, [expected])
 
@@ -173,7 +200,7 @@ def pipelines(draw: st.DrawFn, peer_safe: bool = False) -> Pipeline:
     for i in range(n):
         one = draw(requests_(peer_safe, keep=i < n - 1))
         if not peer_safe and out.expected and draw(st.booleans()):
-            out.data += b"\r\n"   # an empty line between requests is skipped
+            out.data += b"\r\n"  # an empty line between requests is skipped
         out.data += one.data
         out.expected += one.expected
     return out
@@ -187,11 +214,17 @@ def as_dict(req: Any) -> dict[str, Any]:
         return b.decode("latin-1")
 
     return {
-        "method": s(req.method), "target": s(req.target), "path": s(req.path),
-        "query": s(req.query), "version": req.version,
-        "headers": [[s(n), s(v)] for n, v in req.headers], "host": s(req.host),
-        "content_length": req.content_length, "chunked": bool(req.chunked),
-        "keep_alive": bool(req.keep_alive), "expect_continue": bool(req.expect_continue),
+        "method": s(req.method),
+        "target": s(req.target),
+        "path": s(req.path),
+        "query": s(req.query),
+        "version": req.version,
+        "headers": [[s(n), s(v)] for n, v in req.headers],
+        "host": s(req.host),
+        "content_length": req.content_length,
+        "chunked": bool(req.chunked),
+        "keep_alive": bool(req.keep_alive),
+        "expect_continue": bool(req.expect_continue),
         "body": s(req.body),
     }
 
@@ -238,14 +271,14 @@ def test_valid_requests_byte_by_byte(pipeline: Pipeline) -> None:
     assert verdict([data[i : i + 1] for i in range(len(data))]) == ("ok", pipeline.expected, 0)
 
 
-LIMITS = st.sampled_from([{}, {"max_line": 40, "max_field": 30, "max_head": 200,
-                               "max_fields": 3}])
+LIMITS = st.sampled_from([{}, {"max_line": 40, "max_field": 30, "max_head": 200, "max_fields": 3}])
 
 
 @FAST
 @given(st.binary(max_size=600), cut_lists, LIMITS)
-def test_random_bytes_raise_only_http_error(data: bytes, cuts: list[int],
-                                            limits: dict[str, int]) -> None:
+def test_random_bytes_raise_only_http_error(
+    data: bytes, cuts: list[int], limits: dict[str, int]
+) -> None:
     assert verdict([data], **limits) == verdict(split(data, cuts), **limits)
 
 
@@ -271,8 +304,9 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 @FAST
 @given(mutated(), cut_lists, LIMITS)
-def test_mutated_requests_same_verdict_however_split(data: bytes, cuts: list[int],
-                                                     limits: dict[str, int]) -> None:
+def test_mutated_requests_same_verdict_however_split(
+    data: bytes, cuts: list[int], limits: dict[str, int]
+) -> None:
     whole = verdict([data], **limits)
     assert verdict(split(data, cuts), **limits) == whole
     if len(data) < 400:
@@ -289,3 +323,36 @@ def test_chunked_body_decodes_to_itself(body: bytes, data: st.DataObject) -> Non
     assert result[0] == "ok", result
     assert [r["body"].encode("latin-1") for r in result[1]] == [body, b""]
     assert result[2] == 0
+
+
+@FAST
+@given(
+    st.data(),
+    st.integers(14, 150),
+    st.integers(2, 150),
+    st.integers(3, 140),
+    st.integers(8, 140),
+    cut_lists,
+)
+def test_line_limits_follow_the_model(
+    data: st.DataObject,
+    line_len: int,
+    field_len: int,
+    max_line: int,
+    max_field: int,
+    cuts: list[int],
+) -> None:
+    """A request line of L bytes passes iff L <= max_line (else 414), a field line of F
+    bytes iff F <= max_field (else 431), whatever the bytes and however they are split."""
+    target = "/" + data.draw(
+        latin1(VCHAR.replace("?", "") + OBS_TEXT, line_len - 14, line_len - 14)
+    )
+    value = data.draw(latin1(VCHAR + OBS_TEXT, field_len - 2, field_len - 2))
+    wire = f"GET {target} HTTP/1.1\r\nHost: h\r\nX:{value}\r\n\r\n".encode("latin-1")
+    got = verdict(split(wire, cuts), max_line=max_line, max_field=max_field)
+    if line_len > max_line:
+        assert got == ("error", 414)
+    elif field_len > max_field:
+        assert got == ("error", 431)
+    else:
+        assert got[0] == "ok" and got[1][0]["headers"][1] == ["x", value]

@@ -48,6 +48,7 @@ from expserver._loop cimport Loop, Handle
 from expserver._pipe cimport Pipe, FLUSH_DONE, FLUSH_AGAIN, FLUSH_ERROR
 from expserver._http cimport Parser, Request, AGAIN, DONE
 
+from expserver.pages import page as error_page
 from expserver.response import FileRange
 
 cdef enum Phase:
@@ -95,15 +96,6 @@ cdef inline bytes http_date(double now):
         _date = email.utils.formatdate(wall, usegmt=True).encode("ascii") + CRLF
         _date_until = now + (1.0 - (wall % 1.0))
     return _date
-
-
-def error_body(int status, str reason=None):
-    """The small HTML page sent with an error status."""
-    phrase = http.HTTPStatus(status).phrase
-    title = f"{status} {phrase}"
-    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-            f"<center><h1>{title}</h1></center>\r\n<hr><center>eXpServer</center>\r\n"
-            f"</body>\r\n</html>\r\n").encode("ascii")
 
 
 cdef class Stats:
@@ -434,7 +426,7 @@ cdef class Connection(Handle):
         return 0
 
     cdef int respond_error(self, Request req, int status) except -1:
-        self.respond(req, status, CT_HTML, error_body(status))
+        self.respond(req, status, CT_HTML, error_page(status))
         return 0
 
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1:
@@ -509,7 +501,7 @@ cdef class Connection(Handle):
         self.close_after = True
         self.rstart = self.rend         # never parse another request from these bytes
         self.phase = P_HEAD
-        self.respond(req, status, CT_HTML, error_body(status))
+        self.respond(req, status, CT_HTML, error_page(status))
         self.flush()
         return 0
 

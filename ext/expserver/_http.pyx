@@ -22,7 +22,12 @@ right byte either way.
 Strict by design: CRLF line ends only (a bare LF or bare CR is 400), no obs-fold, no
 whitespace before the colon, Content-Length is 1*DIGIT parsed by table (never ``int()``),
 one Transfer-Encoding field whose value is exactly ``chunked`` (another coding is 501),
-CL together with TE is 400, TE in HTTP/1.0 is 400.
+CL together with TE is 400, TE in HTTP/1.0 is 400, Host is ``uri-host [":" port]``.
+
+Limits (``max_line`` for the request line and ``max_field`` for a field line, both without
+the CRLF; ``max_head`` for the whole head, skipped empty lines included; ``max_fields``) are
+checked at the byte that crosses them, never once per call: the verdict and the status
+depend only on the bytes, not on how they were split into reads.
 
 Ownership: the caller owns the buffer; the parser keeps offsets into it, never pointers.
 """
@@ -252,12 +257,37 @@ cdef int _te_status(const unsigned char *p, Py_ssize_t n) noexcept:
     return 0
 
 
+cdef Py_ssize_t _host_end(const unsigned char *p, Py_ssize_t n) noexcept:
+    """Length of the host in ``uri-host [":" port]`` (RFC 9112 3.2, RFC 3986 3.2.2), or -1
+    when p[:n] is not of that shape: IP-literal = "[" ... "]", reg-name bytes otherwise, and
+    a port of digits only."""
+    cdef Py_ssize_t i = 0, end
+    if n and p[0] == 91:    # '['
+        i = 1
+        while i < n and p[i] != 93:
+            if not HOSTCHAR[p[i]] or p[i] == 91:
+                return -1
+            i += 1
+        if i == n or i == 1:
+            return -1
+        i += 1
+    else:
+        while i < n and p[i] != 58:
+            if not HOSTCHAR[p[i]] or p[i] == 91 or p[i] == 93:
+                return -1
+            i += 1
+    end = i
+    if i < n:
+        if p[i] != 58:
+            return -1
+        for i in range(i + 1, n):
+            if HEXVAL[p[i]] > 9:
+                return -1
+    return end
+
+
 cdef inline bint _valid_host(const unsigned char *p, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if not HOSTCHAR[p[i]]:
-            return False
-    return True
+    return _host_end(p, n) >= 0
 
 
 cdef class Parser:
@@ -496,7 +526,7 @@ cdef class Parser:
             end = ps
             while end < te_ and p[end] != 47 and p[end] != 63:
                 end += 1
-            if end == ps:
+            if _host_end(p + ps, end - ps) == 0:
                 # RFC 9110 4.2.1: an "http" URI with an empty host is invalid
                 self._fail(400, "empty host in the request target")
                 return None
@@ -610,16 +640,10 @@ cdef class Parser:
         return req
 
     cdef bint _set_host(self, Request req, const unsigned char *p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t i, end = n
-        if not _valid_host(p, n):
+        cdef Py_ssize_t end = _host_end(p, n)   # the port is stripped
+        if end < 0:
             self._fail(400, "invalid Host")
             return False
-        # strip the port: the last ':' that is not inside an IPv6 literal
-        i = n - 1
-        while i >= 0 and HEXVAL[p[i]] <= 9:
-            i -= 1
-        if i >= 0 and p[i] == 58 and (p[0] != 91 or (i > 0 and p[i - 1] == 93)):
-            end = i
         req.host = _lower_bytes(p, end)
         return True
 
@@ -790,9 +814,9 @@ cdef inline Py_ssize_t _budget(Parser self, int state) noexcept:
 
 cdef int _over_budget(Parser self, int state, Py_ssize_t stop) noexcept:
     """The error for a head that reached ``stop`` in ``state`` (see _budget)."""
-    if state == S_METHOD or state == S_TARGET_FIRST:
+    if state == S_METHOD:
         return self._fail(400, "request method too long")
-    if state == S_TARGET or state == S_VERSION:
+    if S_TARGET_FIRST <= state <= S_VERSION:
         return self._fail(414, "request target too long")
     if S_FIELD_START <= state <= S_VALUE and stop < self.max_head:
         return self._fail(431, "header field too large")

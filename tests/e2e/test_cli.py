@@ -11,10 +11,10 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from .conftest import Reader, free_port
 
@@ -105,9 +105,10 @@ def procs():
         p.kill()
 
 
-def run(args: list[str], cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path | None = None,
+        timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run([*PYTHON_M, *args], cwd=cwd, env=env(), capture_output=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def get(port: int, path: str, host: str = "x", extra: bytes = b"") -> tuple[int, dict, bytes]:

@@ -17,7 +17,7 @@ import pytest
 from .conftest import Reader, request
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def text(size: int, seed: int = 1) -> bytes:
     """Compressible but never-repeating HTML-ish text of exactly ``size`` bytes.
 
@@ -112,7 +112,7 @@ def test_compress_min_length_is_configurable(start, tmp_path):
     (root / "under.html").write_bytes(text(1999))
     (root / "at.html").write_bytes(text(2000))
     assert "content-encoding" not in get(served, "/under.html", "Accept-Encoding: gzip")[1]
-    status, headers, body = get(served, "/at.html", "Accept-Encoding: gzip")
+    _status, headers, body = get(served, "/at.html", "Accept-Encoding: gzip")
     assert headers["content-encoding"] == "gzip"
     assert gzip.decompress(body) == text(2000)
 
@@ -161,7 +161,7 @@ def test_etags_differ_per_representation(gz):
     # each tag validates only its own representation
     assert get(served, "/page.html", "Accept-Encoding: gzip", f"If-None-Match: {gzipped}"
                )[0] == 304
-    status, headers, body = get(served, "/page.html", "Accept-Encoding: gzip",
+    status, _headers, body = get(served, "/page.html", "Accept-Encoding: gzip",
                                 f"If-None-Match: {ident}")
     assert status == 200 and gzip.decompress(body) == gz[1]
     status, _, body = get(served, "/page.html", f"If-None-Match: {gzipped}")
@@ -249,7 +249,7 @@ def test_stale_precompressed_sibling_is_ignored(start, tmp_path):
     (root / "app.js").write_bytes(new)
     (root / "app.js.gz").write_bytes(gzip.compress(b"let v = 'OLD';\n" * 300))
     os.utime(root / "app.js.gz", (1_500_000_000, 1_500_000_000))  # older than app.js
-    status, headers, body = get(served, "/app.js", "Accept-Encoding: gzip")
+    _status, headers, body = get(served, "/app.js", "Accept-Encoding: gzip")
     assert headers["content-encoding"] == "gzip"
     assert gzip.decompress(body) == new
 

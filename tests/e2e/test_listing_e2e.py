@@ -122,6 +122,8 @@ def tricky(start):
     outside = served.root.parent / "outside.txt"
     outside.write_bytes(b"outside bytes\n")
     os.symlink(outside, d + b"/escape.txt")
+    os.symlink(b"no-such-target", d + b"/dangling.txt")
+    os.mkfifo(d + b"/pipe.fifo")  # never served, so never listed (and never opened)
     # listed: a symlink that stays inside the root
     os.symlink(b"apple.txt", d + b"/alias.txt")
     return served
@@ -140,7 +142,9 @@ def test_listing_page_shape(tricky):
     want = {label(n, False) for n in TRICKY_FILES} | {label(n, True) for n in TRICKY_DIRS}
     want.add("alias.txt")
     assert {text for _, text, _ in entries} == want
-    assert b".hidden" not in page and b"escape.txt" not in page and b"outside" not in page
+    for absent in (b".hidden", b"escape.txt", b"outside", b"dangling", b"pipe.fifo"):
+        assert absent not in page, absent
+    assert get(tricky, "/ldir/pipe.fifo")[0] in (403, 404)
 
 
 def test_directories_first_then_files_sorted(tricky):
@@ -285,7 +289,7 @@ def test_autoindex_off_is_403(start, tmp_path):
 
 
 def test_head_of_listing(tricky):
-    gs, gh, page = get(tricky, "/ldir/")
+    _gs, gh, page = get(tricky, "/ldir/")
     hs, hh, body = get(tricky, "/ldir/", method="HEAD")
     assert (hs, body) == (200, b"")
     assert hh["content-length"] == gh["content-length"] == str(len(page))

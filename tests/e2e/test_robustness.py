@@ -360,7 +360,7 @@ class Steady(threading.Thread):
                         self.worst = max(self.worst, time.monotonic() - t0)
                         assert (status, body) == (200, self.body)
                         self.done += 1
-        except BaseException as e:          # reported by the test thread
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread by finish()
             self.error = e
 
     def finish(self) -> None:
@@ -568,7 +568,7 @@ def test_200_concurrent_connections_all_served(served):
                     if i != 1:
                         assert body == HELLO
             ok.append(1)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread below
             errors.append(e)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(n)]

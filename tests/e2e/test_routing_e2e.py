@@ -121,7 +121,7 @@ def test_redirect_codes_and_location(start):
     for code in codes:
         for path in (f"/r{code}", f"/r{code}/deeper/path", f"/r{code}?x=1"):
             for method in ("GET", "HEAD"):
-                status, headers, body = get(served, path, method=method)
+                status, headers, _body = get(served, path, method=method)
                 assert status == code, (path, method)
                 assert headers["location"] == f"{url}&c={code}"
     assert get(served, "/r3010")[0] == 404

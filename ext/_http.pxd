@@ -1,1 +1,0 @@
-expserver/_http.pxd
