@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import acl, config, routing, static
+from . import acl, config, proxy, routing, static
 from .pages import page
 from .redirect import Redirect
 
@@ -41,16 +41,17 @@ class Guarded:
         return self.handler(req)
 
 
-def route_handler(route: config.RouteConfig, server: config.ServerConfig) -> routing.Handler:
+def route_handler(route: config.RouteConfig, server: config.ServerConfig,
+                  loop: Any) -> routing.Handler:
     handler: routing.Handler
     if route.type == "file_serve":
         handler = static.FileServe(route).serve
     elif route.type == "redirect":
         handler = Redirect(route)
+    elif route.type == "reverse_proxy":
+        handler = proxy.make_route(route, loop)
     else:
-        # reverse_proxy and metrics are built by their own issues; until then the route
-        # answers as nginx does with no upstream available
-        handler = _not_yet(502 if route.type == "reverse_proxy" else 404)
+        handler = _not_yet(404)     # metrics: not built yet
     rules = [rule for rule in (acl.Acl(server.ip_whitelist, server.ip_blacklist),
                                acl.Acl(route.ip_whitelist, route.ip_blacklist))
              if not rule.empty]
@@ -60,9 +61,9 @@ def route_handler(route: config.RouteConfig, server: config.ServerConfig) -> rou
 class App:
     """Answers every request arriving on one listener."""
 
-    def __init__(self, servers: list[config.ServerConfig]) -> None:
+    def __init__(self, servers: list[config.ServerConfig], loop: Any) -> None:
         self.hosts = routing.VirtualHosts([
-            (s.hostnames, routing.RouteTable([(r.req_path, route_handler(r, s))
+            (s.hostnames, routing.RouteTable([(r.req_path, route_handler(r, s, loop))
                                               for r in s.routes]))
             for s in servers
         ])

@@ -732,7 +732,7 @@ def _build(table: Table[T], value: object, path: str, ctx: _Context) -> T:
     names = table.names
     for key in value:
         if key not in names:  # a typo must not silently fall back to a default
-            raise ConfigError(_join(path, str(key)), "unknown key" + _did_you_mean(str(key), names))
+            raise ConfigError(_join(path, str(key)), _unknown(str(key), table))
     values: dict[str, Any] = {}
     # Cascading keys first (they have defaults, so are never required): the objects nested in
     # this one take this one's effective values as theirs.
@@ -754,6 +754,18 @@ def _build(table: Table[T], value: object, path: str, ctx: _Context) -> T:
         table.finish(values, path)  # before inheriting, so it sees only the keys given
     values.update(effective)
     return table.make(values) if table.make else table.cls(**values)
+
+
+_WHERE = {"": "the top level", "health_check": "a health_check"}
+
+
+def _unknown(key: str, table: Table[Any]) -> str:
+    # A key of another level (header_timeout in a route) is better told where it goes than
+    # offered a look-alike of this level.
+    homes = [_WHERE.get(t.name, f"a {t.name}") for t in TABLES if key in t.names]
+    if homes:
+        return f"unknown key here (allowed in {' and '.join(homes)})"
+    return "unknown key" + _did_you_mean(key, table.names)
 
 
 def _inherit(name: str, values: dict[str, Any], ctx: _Context, table: Table[Any]) -> Any:

@@ -74,7 +74,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def settings_of(cfg: config.Config) -> Settings:
     return Settings(keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
-                    body_timeout=cfg.header_timeout, send_timeout=cfg.send_timeout,
+                    body_timeout=cfg.body_timeout, send_timeout=cfg.send_timeout,
                     max_body_size=cfg.max_body_size)
 
 
@@ -86,7 +86,7 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
     for (host, port), sock in socks.items():
         servers = [s for s in cfg.servers
                    if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
-        listener = Listener(core, sock, App(servers), settings)
+        listener = Listener(core, sock, App(servers, loop), settings)
         listener.start()
         listeners.append(listener)
 

@@ -18,9 +18,11 @@ from expserver import config
 from expserver.config import (
     Config,
     ConfigError,
+    HealthCheckConfig,
     ListenerConfig,
     RouteConfig,
     ServerConfig,
+    UpstreamConfig,
     default,
     load,
     parse,
@@ -137,7 +139,9 @@ def test_example_loads_unchanged(example: Path) -> None:
         redirect_url="http://localhost:8002/",
     )
     assert cfg.servers[1].routes == (
-        RouteConfig(req_path="/", type="reverse_proxy", upstreams=("localhost:3000",)),
+        RouteConfig(
+            req_path="/", type="reverse_proxy", upstreams=(UpstreamConfig("localhost", 3000),)
+        ),
     )
     assert cfg.servers[2].routes[0].redirect_url == "https://expserver.github.io"
     assert cfg.servers[3].routes == ()  # eXpServer allows a route-less server
@@ -374,7 +378,8 @@ ERRORS: list[tuple[str, object, str]] = [
     (
         "upstream-not-string",
         one_route(req_path="/", type="reverse_proxy", upstreams=[3000]),
-        "servers[0].routes[0].upstreams[0]: expected a string, got number 3000",
+        'servers[0].routes[0].upstreams[0]: expected a "host:port" string or an object, '
+        "got number 3000",
     ),
     (
         "gzip-level-10",
@@ -564,7 +569,16 @@ def test_values_are_converted() -> None:
     server = cfg.servers[0]
     assert server.hostnames == ("example.com", "www.example.com")
     assert [r.req_path for r in server.routes] == ["/api", "/docs/v1", "/"]
-    assert server.routes[0].upstreams == ("[::1]:8080", "127.0.0.1:9000", "backend-1.internal:80")
+    assert server.routes[0].upstreams == (
+        UpstreamConfig("::1", 8080),
+        UpstreamConfig("127.0.0.1", 9000),
+        UpstreamConfig("backend-1.internal", 80),
+    )
+    assert [u.address for u in server.routes[0].upstreams] == [
+        "[::1]:8080",
+        "127.0.0.1:9000",
+        "backend-1.internal:80",
+    ]
     assert server.ip_whitelist == ("10.0.0.0/8",)
     assert cfg.keepalive_timeout == 5.0 and isinstance(cfg.keepalive_timeout, float)
     assert (cfg.workers, cfg.max_body_size) == (3, 0)
@@ -691,6 +705,489 @@ def test_summary(example: Path) -> None:
     assert "servers[0]: listen [::1]:80; hostnames a.example; deny 10.0.0.0/8" in summary(ipv6)
 
 
+# --- reverse proxy: upstreams, balancing keys ---------------------------------------------------
+
+
+def proxy(*upstreams: object, **route: Any) -> dict[str, Any]:
+    """A config with one reverse_proxy route on "/"."""
+    return one_route(req_path="/", type="reverse_proxy", upstreams=list(upstreams), **route)
+
+
+def proxy_route(*upstreams: object, **route: Any) -> RouteConfig:
+    return parse(proxy(*upstreams, **route), "/").servers[0].routes[0]
+
+
+def test_upstream_string_and_object_forms_are_one_thing() -> None:
+    route = proxy_route("a:1", {"address": "a:1"}, "[::1]:8080", {"address": "[::1]:8080"})
+    assert route.upstreams == (UpstreamConfig("a", 1),) * 2 + (UpstreamConfig("::1", 8080),) * 2
+
+
+def test_upstream_object_parameters() -> None:
+    route = proxy_route(
+        {"address": "10.0.0.1:80", "weight": 5, "max_fails": 0, "fail_timeout": 2.5},
+        {"address": "backup.internal:8080", "backup": True, "fail_timeout": 3},
+    )
+    assert route.upstreams == (
+        UpstreamConfig("10.0.0.1", 80, weight=5, max_fails=0, fail_timeout=2.5),
+        UpstreamConfig("backup.internal", 8080, backup=True, fail_timeout=3.0),
+    )
+    assert isinstance(route.upstreams[1].fail_timeout, float)
+    assert route.upstreams[0] == UpstreamConfig("10.0.0.1", 80, 5, 0, 2.5, False)
+
+
+def test_proxy_defaults() -> None:
+    route = proxy_route("a:1")
+    assert route.upstreams == (UpstreamConfig("a", 1, 1, 1, 10.0, False),)
+    assert (route.lb_method, route.proxy_host_header, route.health_check) == (
+        "round_robin",
+        "client",
+        None,
+    )
+    assert (route.retries, route.upstream_keepalive) == (None, 32)
+
+
+@pytest.mark.parametrize("method", config.LB_METHODS)
+def test_lb_methods(method: str) -> None:
+    assert proxy_route("a:1", lb_method=method).lb_method == method
+
+
+@pytest.mark.parametrize("value", ["client", "upstream", "api.internal", "api.internal:8080"])
+def test_proxy_host_header(value: str) -> None:
+    assert proxy_route("a:1", proxy_host_header=value).proxy_host_header == value
+
+
+def test_health_check() -> None:
+    assert proxy_route("a:1", health_check=None).health_check is None
+    assert proxy_route("a:1", health_check={}).health_check == HealthCheckConfig(
+        "/", 5.0, 2.0, 200, 1, 1
+    )
+    check = {
+        "path": "/healthz?full=1",
+        "interval": 1,
+        "timeout": 0.5,
+        "expect_status": 204,
+        "passes": 3,
+        "fails": 2,
+    }
+    assert proxy_route("a:1", health_check=check).health_check == HealthCheckConfig(
+        "/healthz?full=1", 1.0, 0.5, 204, 3, 2
+    )
+
+
+def test_retries_and_upstream_keepalive() -> None:
+    route = proxy_route("a:1", "b:2", retries=0, upstream_keepalive=0)
+    assert (route.retries, route.upstream_keepalive) == (0, 0)
+    assert proxy_route("a:1", retries=5).retries == 5  # more than peers: each is tried once
+
+
+# Every error below names the exact JSON path of the value at fault.
+UP = "servers[0].routes[0].upstreams"
+R = "servers[0].routes[0]"
+PROXY_ERRORS: list[tuple[str, object, str]] = [
+    (
+        "weight-0",
+        proxy({"address": "a:1", "weight": 0}),
+        f"{UP}[0].weight: must be between 1 and 1000, got 0",
+    ),
+    (
+        "weight-1001",
+        proxy("a:1", {"address": "b:1", "weight": 1001}),
+        f"{UP}[1].weight: must be between 1 and 1000, got 1001",
+    ),
+    (
+        "weight-float",
+        proxy({"address": "a:1", "weight": 1.5}),
+        f"{UP}[0].weight: expected an integer, got number 1.5",
+    ),
+    (
+        "max-fails-negative",
+        proxy({"address": "a:1", "max_fails": -1}),
+        f"{UP}[0].max_fails: must be at least 0, got -1",
+    ),
+    (
+        "fail-timeout-0",
+        proxy({"address": "a:1", "fail_timeout": 0}),
+        f"{UP}[0].fail_timeout: must be a finite number greater than 0, got 0",
+    ),
+    (
+        "backup-string",
+        proxy("a:1", {"address": "b:1", "backup": "yes"}),
+        f'{UP}[1].backup: expected a boolean, got string "yes"',
+    ),
+    ("address-missing", proxy("a:1", {"weight": 2}), f"{UP}[1]: address is required"),
+    (
+        "address-bad",
+        proxy({"address": "http://a:1"}),
+        f'{UP}[0].address: "http://a:1" is not host:port (write it without the scheme)',
+    ),
+    (
+        "address-not-string",
+        proxy({"address": 80}),
+        f"{UP}[0].address: expected a string, got number 80",
+    ),
+    (
+        "upstream-key-typo",
+        proxy({"address": "a:1", "wieght": 2}),
+        f'{UP}[0].wieght: unknown key, did you mean "weight"?',
+    ),
+    (
+        "upstream-array",
+        proxy(["a", 1]),
+        f'{UP}[0]: expected a "host:port" string or an object, got an array',
+    ),
+    (
+        "only-backups",
+        proxy({"address": "a:1", "backup": True}),
+        f"{UP}: at least one upstream must not be a backup",
+    ),
+    (
+        "lb-method-typo",
+        proxy("a:1", lb_method="least_connections"),
+        f'{R}.lb_method: must be one of "round_robin", "least_conn", "ip_hash", "random_two", '
+        'got "least_connections", did you mean "least_conn"?',
+    ),
+    (
+        "host-header-space",
+        proxy("a:1", proxy_host_header="a b"),
+        f'{R}.proxy_host_header: must be "client", "upstream" or a Host value (printable ASCII, '
+        'no spaces), got "a b"',
+    ),
+    (
+        "host-header-empty",
+        proxy("a:1", proxy_host_header=""),
+        f'{R}.proxy_host_header: must be "client", "upstream" or a Host value (printable ASCII, '
+        'no spaces), got ""',
+    ),
+    (
+        "health-check-true",
+        proxy("a:1", health_check=True),
+        f"{R}.health_check: expected an object, got boolean true",
+    ),
+    (
+        "health-path-relative",
+        proxy("a:1", health_check={"path": "health"}),
+        f'{R}.health_check.path: must start with "/" and not contain spaces, control characters '
+        'or "#", got "health"',
+    ),
+    (
+        "health-path-crlf",
+        proxy("a:1", health_check={"path": "/h\r\nX: y"}),
+        f'{R}.health_check.path: must start with "/" and not contain spaces, control characters '
+        'or "#", got "/h\\r\\nX: y"',
+    ),
+    (
+        "health-status-600",
+        proxy("a:1", health_check={"expect_status": 600}),
+        f"{R}.health_check.expect_status: must be between 100 and 599, got 600",
+    ),
+    (
+        "health-interval-0",
+        proxy("a:1", health_check={"interval": 0}),
+        f"{R}.health_check.interval: must be a finite number greater than 0, got 0",
+    ),
+    (
+        "health-passes-0",
+        proxy("a:1", health_check={"passes": 0}),
+        f"{R}.health_check.passes: must be at least 1, got 0",
+    ),
+    (
+        "health-key-typo",
+        proxy("a:1", health_check={"fail": 2}),
+        f'{R}.health_check.fail: unknown key, did you mean "fails"?',
+    ),
+    ("retries-negative", proxy("a:1", retries=-1), f"{R}.retries: must be at least 0, got -1"),
+    (
+        "retries-null",
+        proxy("a:1", retries=None),
+        f"{R}.retries: expected an integer, got null",
+    ),
+    (
+        "keepalive-pool-negative",
+        proxy("a:1", upstream_keepalive=-1),
+        f"{R}.upstream_keepalive: must be at least 0, got -1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"), [e[1:] for e in PROXY_ERRORS], ids=[e[0] for e in PROXY_ERRORS]
+)
+def test_proxy_error_names_path_and_reason(obj: object, expected: str) -> None:
+    assert error(obj) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("connect_timeout", 1),
+        ("upstream_read_timeout", 1),
+        ("upstream_send_timeout", 1),
+        ("lb_method", "round_robin"),
+        ("proxy_host_header", "client"),
+        ("health_check", None),
+        ("retries", 1),
+        ("upstream_keepalive", 1),
+    ],
+)
+def test_proxy_keys_only_on_proxy_routes(key: str, value: object) -> None:
+    assert key in config.PROXY_KEYS
+    route = {"req_path": "/", "type": "redirect", "redirect_url": "/x", key: value}
+    expected = f"servers[0].routes[0].{key}: only applies to a reverse_proxy route"
+    assert error(one_route(**route)) == expected
+
+
+# --- cascading limits: route > server > top level ------------------------------------------------
+
+LIMITS = {
+    "keepalive_timeout": 75.0,
+    "header_timeout": 60.0,
+    "send_timeout": 60.0,
+    "max_body_size": 1048576,
+    "body_timeout": 60.0,
+    "connect_timeout": 60.0,
+    "upstream_read_timeout": 60.0,
+    "upstream_send_timeout": 60.0,
+}
+ROUTE_LIMITS = [
+    "max_body_size",
+    "body_timeout",
+    "connect_timeout",
+    "upstream_read_timeout",
+    "upstream_send_timeout",
+]
+
+
+def limits(obj: object, names: list[str]) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in names}
+
+
+def test_limit_defaults_everywhere() -> None:
+    cfg = parse(proxy("a:1"), "/")
+    server, route = cfg.servers[0], cfg.servers[0].routes[0]
+    assert limits(cfg, list(LIMITS)) == LIMITS
+    assert limits(server, list(LIMITS)) == LIMITS
+    assert limits(route, ROUTE_LIMITS) == {k: LIMITS[k] for k in ROUTE_LIMITS}
+    assert (cfg.max_connections, cfg.drain_timeout) == (10000, 30.0)
+
+
+def test_limit_precedence_route_over_server_over_top_level() -> None:
+    route_a = {"req_path": "/a", "type": "reverse_proxy", "upstreams": ["a:1"]}
+    route_b = {**route_a, "req_path": "/b", "connect_timeout": 1, "max_body_size": 0}
+    route_c = {"req_path": "/c", "type": "metrics", "body_timeout": 2}
+    cfg = parse(
+        {
+            "connect_timeout": 30,
+            "body_timeout": 20,
+            "upstream_read_timeout": 10,
+            "keepalive_timeout": 5,
+            "max_body_size": 100,
+            "servers": [
+                {
+                    "listeners": [{"host": "h", "port": 1}],
+                    "connect_timeout": 3,
+                    "header_timeout": 4,
+                    "max_body_size": 200,
+                    "routes": [route_a, route_b, route_c],
+                },
+                {"listeners": [{"host": "h", "port": 2}], "routes": [route_a]},
+            ],
+        },
+        "/",
+    )
+    first, second = cfg.servers
+    a, b, c = first.routes
+    assert (cfg.connect_timeout, cfg.body_timeout, cfg.max_body_size) == (30.0, 20.0, 100)
+    assert (cfg.header_timeout, cfg.keepalive_timeout) == (60.0, 5.0)
+    # The first server overrides some keys and inherits the rest from the top level.
+    assert limits(first, list(LIMITS)) == {
+        **LIMITS,
+        "keepalive_timeout": 5.0,
+        "header_timeout": 4.0,
+        "max_body_size": 200,
+        "body_timeout": 20.0,
+        "connect_timeout": 3.0,
+        "upstream_read_timeout": 10.0,
+    }
+    # Its routes inherit from it, unless they set their own.
+    assert limits(a, ROUTE_LIMITS) == limits(first, ROUTE_LIMITS)
+    assert (b.connect_timeout, b.max_body_size, b.body_timeout) == (1.0, 0, 20.0)
+    assert (c.body_timeout, c.connect_timeout, c.max_body_size) == (2.0, 3.0, 200)
+    # The second server sets nothing: it and its route carry the top-level values.
+    assert limits(second, list(LIMITS)) == limits(cfg, list(LIMITS))
+    assert limits(second.routes[0], ROUTE_LIMITS) == limits(cfg, ROUTE_LIMITS)
+    assert isinstance(b.connect_timeout, float)
+
+
+def test_limits_on_the_wrong_level() -> None:
+    # The head is read before a route is chosen: header/keep-alive/send limits stop at servers.
+    for key in ("header_timeout", "keepalive_timeout", "send_timeout"):
+        route = {"req_path": "/", "type": "metrics", key: 1}
+        assert error(one_route(**route)) == (
+            f"servers[0].routes[0].{key}: unknown key here (allowed in the top level and a server)"
+        )
+    for key in ("max_connections", "drain_timeout"):
+        expected = f"servers[0].{key}: unknown key here (allowed in the top level)"
+        assert error(one_server(**{key: 5})) == expected
+    assert error(proxy({"address": "a:1", "port": 1})) == (
+        "servers[0].routes[0].upstreams[0].port: unknown key here (allowed in a listener)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        (
+            one_server(connect_timeout=0),
+            "servers[0].connect_timeout: must be a finite number greater than 0, got 0",
+        ),
+        (
+            one_server(keepalive_timeout="5"),
+            'servers[0].keepalive_timeout: expected a number of seconds, got string "5"',
+        ),
+        (one_server(max_body_size=-1), "servers[0].max_body_size: must be at least 0, got -1"),
+        (
+            proxy("a:1", upstream_send_timeout=-1),
+            "servers[0].routes[0].upstream_send_timeout: "
+            "must be a finite number greater than 0, got -1",
+        ),
+        (
+            one_route(req_path="/", type="metrics", max_body_size=1.5),
+            "servers[0].routes[0].max_body_size: expected an integer, got number 1.5",
+        ),
+        (
+            {"servers": SERVERS, "body_timeout": 0},
+            "body_timeout: must be a finite number greater than 0, got 0",
+        ),
+        ({"servers": SERVERS, "max_connections": 0}, "max_connections: must be at least 1, got 0"),
+        (
+            {"servers": SERVERS, "max_connections": True},
+            "max_connections: expected an integer, got boolean true",
+        ),
+        (
+            {"servers": SERVERS, "drain_timeout": 0},
+            "drain_timeout: must be a finite number greater than 0, got 0",
+        ),
+        # A bad limit is reported even when a server below it is bad too.
+        (
+            {"servers": [{"listeners": []}], "connect_timeout": 0},
+            "connect_timeout: must be a finite number greater than 0, got 0",
+        ),
+    ],
+    ids=[
+        "server-connect-0",
+        "server-keepalive-string",
+        "server-max-body-negative",
+        "route-upstream-send-negative",
+        "route-max-body-float",
+        "body-timeout-0",
+        "max-connections-0",
+        "max-connections-bool",
+        "drain-timeout-0",
+        "limit-before-servers",
+    ],
+)
+def test_limit_errors(obj: object, expected: str) -> None:
+    assert error(obj) == expected
+
+
+def test_full_proxy_config_pickles() -> None:
+    # Workers are separate processes: a config must cross to them intact.
+    cfg = parse(
+        proxy(
+            "a:1",
+            {"address": "b:2", "weight": 3, "backup": True},
+            health_check={"path": "/h"},
+            connect_timeout=2,
+        ),
+        "/",
+    )
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_summary_of_a_proxy() -> None:
+    cfg = parse(
+        {
+            "connect_timeout": 5,
+            "servers": [
+                {
+                    "listeners": [{"host": "h", "port": 1}],
+                    "keepalive_timeout": 10,
+                    "routes": [
+                        {
+                            "req_path": "/",
+                            "type": "reverse_proxy",
+                            "upstreams": [
+                                "a:1",
+                                {"address": "[::1]:2", "weight": 3},
+                                {"address": "c:3", "backup": True},
+                            ],
+                            "lb_method": "least_conn",
+                            "health_check": {"path": "/health", "interval": 2},
+                            "upstream_read_timeout": 3,
+                            "max_body_size": 0,
+                        }
+                    ],
+                }
+            ],
+        },
+        "/",
+    )
+    lines = summary(cfg).splitlines()
+    assert lines[1] == (
+        "timeouts: keepalive 75s, header 60s, send 60s, body 60s, connect 5s, "
+        "upstream read 60s, upstream send 60s; max_body_size 1048576 bytes"
+    )
+    assert lines[2] == "max_connections 10000 per worker, drain_timeout 30s"
+    assert lines[3] == "servers[0]: listen h:1; hostnames any; timeouts keepalive 10s"
+    assert lines[4] == (
+        "  / -> reverse_proxy a:1 [::1]:2 (weight 3) c:3 (backup), least_conn, "
+        "health check /health every 2s; timeouts upstream read 3s; max_body_size unlimited"
+    )
+
+
+# --- schema.json and real validators -------------------------------------------------------------
+
+
+SCHEMA_VALID = {
+    "example": json.loads(EXAMPLE_TEXT),
+    "upstream-forms": proxy("a:1", {"address": "b:2", "weight": 2, "backup": True}),
+    "proxy-keys": proxy("a:1", lb_method="ip_hash", health_check=None, retries=0),
+    "health-check": proxy("a:1", health_check={"path": "/h", "expect_status": 204}),
+    "limits": {"servers": SERVERS, "connect_timeout": 1, "max_connections": 5, "drain_timeout": 1},
+    "server-limits": one_server(header_timeout=1, upstream_read_timeout=2, max_body_size=0),
+}
+SCHEMA_INVALID = {
+    "only-backups": proxy({"address": "a:1", "backup": True}),
+    "weight-0": proxy({"address": "a:1", "weight": 0}),
+    "no-address": proxy({"weight": 1}),
+    "proxy-key-on-metrics": one_route(req_path="/", type="metrics", lb_method="ip_hash"),
+    "header-timeout-on-route": one_route(req_path="/", type="metrics", header_timeout=1),
+    "expect-status-99": proxy("a:1", health_check={"expect_status": 99}),
+    "retries-null": proxy("a:1", retries=None),
+}
+
+
+@pytest.mark.parametrize(
+    ("doc", "valid"),
+    [(d, True) for d in SCHEMA_VALID.values()] + [(d, False) for d in SCHEMA_INVALID.values()],
+    ids=list(SCHEMA_VALID) + list(SCHEMA_INVALID),
+)
+def test_schema_agrees_with_the_loader(conf_dir: str, doc: dict[str, Any], valid: bool) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(config.schema())
+    assert validator.is_valid(doc) is valid
+    if valid:
+        parse(doc, conf_dir)  # conf_dir has ../public for the example
+    else:
+        with pytest.raises(ConfigError):
+            parse(doc, conf_dir)
+
+
+def test_schema_is_a_valid_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(config.schema())
+
+
 # --- schema.json and the field tables ------------------------------------------------------------
 
 
@@ -718,7 +1215,8 @@ def test_schema_matches_table(table: config.Table[Any]) -> None:
     for field in table.fields:
         prop = dict(obj["properties"][field.name])
         assert prop.pop("description").strip(), f"{field.name} has no description"
-        if defaults.get(field.name) is None:
+        # Below the top level a cascading key defaults to its parent's value, not a constant.
+        if defaults.get(field.name) is None or (field.cascade and table.name):
             assert "default" not in prop, field.name
         else:
             assert prop.pop("default") == _jsonable(defaults[field.name]), field.name
@@ -728,14 +1226,44 @@ def test_schema_matches_table(table: config.Table[Any]) -> None:
 @pytest.mark.parametrize("table", config.TABLES, ids=lambda t: t.name or "root")
 def test_table_matches_dataclass(table: config.Table[Any]) -> None:
     names = [f.name for f in dataclasses.fields(table.cls) if f.name != "source"]
+    if table.cls is UpstreamConfig:  # the one key split in two: "address" is host and port
+        names[:2] = ["address"]
     assert names == list(table.names)
+
+
+def test_cascading_keys_share_one_default() -> None:
+    cascading: dict[str, set[object]] = {}
+    for table in config.TABLES:
+        for field in table.fields:
+            if field.cascade:
+                cascading.setdefault(field.name, set()).add(table.defaults[field.name])
+    assert set(cascading) == {
+        "keepalive_timeout",
+        "header_timeout",
+        "send_timeout",
+        "max_body_size",
+        "body_timeout",
+        "connect_timeout",
+        "upstream_read_timeout",
+        "upstream_send_timeout",
+    }
+    assert all(len(values) == 1 for values in cascading.values()), cascading
 
 
 def test_schema_conditional_requirements() -> None:
     conditions = config.schema()["$defs"]["route"]["allOf"]
-    found = {c["if"]["properties"]["type"]["const"]: c["then"]["required"] for c in conditions}
+    found = {
+        c["if"]["properties"]["type"]["const"]: c["then"]["required"]
+        for c in conditions
+        if "required" in c["then"]
+    }
     assert found == {kind: list(keys) for kind, keys in config.REQUIRED_BY_TYPE.items()}
     assert set(config.REQUIRED_BY_TYPE) <= set(config.ROUTE_TYPES)
+    (refused,) = [
+        c["then"]["properties"] for c in conditions if "not" in c["if"]["properties"]["type"]
+    ]
+    assert refused == {key: False for key in config.PROXY_KEYS}
+    assert set(config.PROXY_KEYS) <= set(config.ROUTE.names)
 
 
 def test_schema_additional_properties_false_everywhere() -> None:
@@ -748,7 +1276,7 @@ def test_schema_additional_properties_false_everywhere() -> None:
         return []
 
     described = objects(config.schema())
-    assert len(described) == 4
+    assert len(described) == len(config.TABLES)
     assert all(o["additionalProperties"] is False for o in described)
 
 

@@ -100,21 +100,10 @@ cdef inline bytes http_date(double now):
 
 cdef class Stats:
     """Counters of one worker (read by the metrics route)."""
-    cdef public long long conn_accepted, conn_current, conn_error, conn_timeout
-    cdef public long long conn_accepted_error
-    cdef public long long req_total, req_current
-    cdef public long long res_1xx, res_2xx, res_3xx, res_4xx, res_5xx
-    cdef public long long recv_bytes, send_bytes
-    cdef public double res_time_total, res_time_peak
 
 
 cdef class Settings:
     """Per-listener limits and timeouts (seconds). Built once from the config."""
-    cdef public double keepalive_timeout, header_timeout, body_timeout, send_timeout
-    cdef public long long max_body_size
-    cdef public int max_line, max_field, max_head, max_fields
-    cdef public Py_ssize_t pipe_threshold
-    cdef public int max_connections
 
     def __init__(self, keepalive_timeout=75.0, header_timeout=60.0, body_timeout=60.0,
                  send_timeout=60.0, max_body_size=1048576, max_line=8192, max_field=8192,
@@ -135,10 +124,6 @@ cdef class Settings:
 
 cdef class Core:
     """What all listeners of one worker share: the loop, counters, live connections."""
-    cdef public Loop loop
-    cdef public Stats stats
-    cdef public set connections
-    cdef public bint draining       # graceful shutdown: finish in-flight, accept nothing
 
     def __init__(self, Loop loop):
         self.loop = loop
@@ -170,11 +155,6 @@ cdef str peer_string(sockaddr_storage *sa):
 
 cdef class Listener(Handle):
     """A listening socket; ``handler`` answers the requests of its connections."""
-    cdef public object sock          # the Python socket (kept open; we use its fd)
-    cdef public object handler
-    cdef public Settings settings
-    cdef Core core
-    cdef bint paused
 
     def __init__(self, Core core, sock, handler, Settings settings):
         self.core = core
@@ -234,20 +214,26 @@ cdef class Listener(Handle):
         return 0
 
 
+cdef class Deferred:
+    """Base of answers that complete later; see _conn.pxd. The defaults do nothing."""
+
+    cdef int start(self, Connection conn, Request req) except -1:
+        return 0
+
+    cdef bint body_full(self):
+        return False
+
+    cdef int on_body(self, list chunks, bint done) except -1:
+        return 0
+
+    cdef int on_drain(self) except -1:
+        return 0
+
+    cdef int abort(self) except -1:
+        return 0
+
+
 cdef class Connection(Handle):
-    cdef Listener listener
-    cdef Core core
-    cdef Settings settings
-    cdef public str peer
-    cdef unsigned char *rbuf
-    cdef Py_ssize_t rcap, rstart, rend
-    cdef Parser parser
-    cdef Pipe out
-    cdef int phase
-    cdef bint close_after      # close once the pipe drains
-    cdef bint read_eof         # the client shut its sending side
-    cdef double head_deadline  # total deadline of the head being read (0: none yet)
-    cdef double started        # when the current request's head was complete
 
     cdef void init(self, Listener listener, int fd, str peer):
         self.listener = listener
@@ -278,13 +264,13 @@ cdef class Connection(Handle):
             self.flush()
         if self.phase == P_CLOSED:
             return 0
-        if events & EPOLLIN:
+        if events & EPOLLIN and self.interest & EPOLLIN:
             if self.phase == P_LINGER:
                 self.linger_read()
             else:
                 self.read()
-        elif events & (EPOLLERR | EPOLLHUP):
-            self.close()
+        elif events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP):
+            self.close()          # includes a client leaving while its answer is pending
         return 0
 
     cdef int on_timeout(self) except -1:
@@ -292,7 +278,7 @@ cdef class Connection(Handle):
             self.close()
             return 0
         self.core.stats.conn_timeout += 1
-        if not self.out.empty() or self.phase == P_BODY:
+        if self.blocked or self.phase == P_BODY or self.task is not None:
             self.close()                      # send or body timeout: nothing to say
         elif self.rend > self.rstart:
             self.fail(408)                    # a head was started and not finished
@@ -305,7 +291,8 @@ cdef class Connection(Handle):
 
     cdef void drain(self):
         self.close_after = True
-        if self.out.empty() and self.rend == self.rstart and self.phase == P_HEAD:
+        if self.out.empty() and self.rend == self.rstart and self.phase == P_HEAD \
+                and self.task is None:
             self.close()
 
     # ---------------------------------------------------------------- reading
@@ -327,9 +314,11 @@ cdef class Connection(Handle):
             self.core.stats.recv_bytes += n
             self.process()
         elif n == 0:
-            # the client shut its side: answer what is complete, then close (flush does)
             self.read_eof = True
-            self.process()
+            if self.task is not None:
+                self.close()      # the client left before its answer: end the exchange
+            else:
+                self.process()    # answer what is complete, then close (flush does)
         elif errno != EAGAIN and errno != EINTR:
             self.core.stats.conn_error += 1
             self.close()
@@ -356,10 +345,12 @@ cdef class Connection(Handle):
         cdef int rc
         cdef Py_ssize_t used
         cdef Request req
-        while self.rend > self.rstart and self.phase < P_LINGER and not self.out.full():
+        cdef list chunks
+        cdef bint done
+        while self.rend > self.rstart and self.phase < P_LINGER:
             if self.phase == P_HEAD:
-                if self.close_after:
-                    break               # no new requests after a close was decided
+                if self.close_after or self.out.full():
+                    break               # no new request until the answers before it are out
                 rc = self.parser.scan_head(self.rbuf + self.rstart, self.rend - self.rstart)
                 if rc == AGAIN:
                     break
@@ -374,6 +365,20 @@ cdef class Connection(Handle):
                 self.parser.reset()
                 self.head_deadline = self.loop.now + self.settings.header_timeout
                 self.dispatch(req)
+            elif self.task is not None:
+                if self.task.body_full():
+                    break               # the upstream is slower than the client: wait
+                chunks = []
+                used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
+                                             chunks)
+                if used < 0:
+                    self.close()        # a body we cannot frame cannot be forwarded
+                    return 0
+                self.rstart += used
+                done = self.parser.body_done()
+                if done:
+                    self.phase = P_HEAD
+                self.task.on_body(chunks, done)
             else:
                 used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
                                              None)
@@ -385,43 +390,52 @@ cdef class Connection(Handle):
                 self.rstart += used
                 if self.parser.body_done():
                     self.phase = P_HEAD
+        if self.phase >= P_LINGER:
+            return 0
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
             if self.phase == P_HEAD and self.rbuf != NULL:
                 free(self.rbuf)             # idle: hold no buffer
                 self.rbuf = NULL
-        if self.phase < P_LINGER:
-            self.flush()
+        self.flush()
         return 0
 
     # ---------------------------------------------------------------- requests
     cdef int dispatch(self, Request req) except -1:
-        cdef Stats stats = self.core.stats
         cdef bint has_body = req.chunked or req.content_length > 0
-        stats.req_total += 1
+        self.core.stats.req_total += 1
         self.started = self.loop.now
         req.peer = self.peer
         if has_body:
             if 0 < self.settings.max_body_size < req.content_length:
+                self.close_after = True
                 self.respond_error(req, 413)
-                self.close_after = True
                 return 0
-            if req.expect_continue:
-                # the handler does not read bodies: answer now, and since we cannot know
-                # whether the client will send the body anyway, close afterwards
-                self.close_after = True
-            else:
+            if not req.expect_continue:
                 self.parser.start_body(req)
                 self.phase = P_BODY
         try:
-            result = self.listener.handler(req)
-            status, headers, body = result
+            status, headers, body = self.listener.handler(req)
         except Exception:
             print(f"expserver: error while handling {req!r}:", file=sys.stderr)
             traceback.print_exc()
-            self.respond_error(req, 500)
             self.close_after = True
+            self.respond_error(req, 500)
             return 0
+        if status == 0:
+            # a deferred answer (the proxy): it reads the body and writes the response
+            if has_body and req.expect_continue:
+                self.out.push(CONTINUE_100)
+                self.parser.start_body(req)
+                self.phase = P_BODY
+            self.task = <Deferred?>body
+            self.out.hold()
+            self.task.start(self, req)
+            return 0
+        if has_body and req.expect_continue:
+            # the handler does not read bodies: answer now, and since we cannot know
+            # whether the client will send the body anyway, close afterwards
+            self.close_after = True
         self.respond(req, status, headers, body)
         return 0
 
@@ -433,8 +447,6 @@ cdef class Connection(Handle):
         cdef bint close = self.close_after or not req.keep_alive or self.core.draining
         cdef bint head_only = req.method is HEAD_METHOD or req.method == HEAD_METHOD
         cdef object framing
-        cdef Stats stats = self.core.stats
-        cdef double elapsed
         cdef type t = type(body)
         if status < 200 or status == 204 or status == 304:
             framing = b""
@@ -469,7 +481,12 @@ cdef class Connection(Handle):
                 self.close_file(body)
         else:
             self.out.push_source(body, req.version == 11)
-        # counters
+        self.count(status)
+        return 0
+
+    cdef int count(self, int status) except -1:
+        cdef Stats stats = self.core.stats
+        cdef double elapsed
         if status < 200:
             stats.res_1xx += 1
         elif status < 300:
@@ -505,6 +522,16 @@ cdef class Connection(Handle):
         self.flush()
         return 0
 
+    cdef int task_done(self, bint reusable) except -1:
+        """The deferred answer is complete (``reusable``: the connection may go on)."""
+        self.task = None
+        self.out.release()
+        if not reusable:
+            self.close_after = True
+        if self.phase != P_CLOSED:
+            self.process()          # answers pipelined requests, then flushes
+        return 0
+
     # ---------------------------------------------------------------- writing
     cdef int flush(self) except -1:
         cdef bint was_full = self.out.full()
@@ -515,30 +542,55 @@ cdef class Connection(Handle):
             self.core.stats.conn_error += 1
             self.close()
             return 0
-        if r == FLUSH_AGAIN:
-            # blocked: wait for room; keep reading only while the pipe has room
-            self.watch(EPOLLOUT if self.out.full() or self.read_eof else EPOLLIN | EPOLLOUT)
+        self.blocked = r == FLUSH_AGAIN
+        if self.task is not None:
+            if self.out.has_room():
+                self.task.on_drain()    # the exchange may read its upstream again
+        elif not self.blocked:
+            if self.close_after:
+                self.start_linger()
+                return 0
+            if was_full and self.rend > self.rstart:
+                self.process()          # pipelined requests waited for room
+                return 0
+            if self.read_eof:
+                self.close()
+                return 0
+        # deadlines: send while blocked (reset on progress), else by phase
+        if self.blocked:
             if self.out.sent != before or self.deadline == 0 or \
                     self.deadline > self.loop.now + self.settings.send_timeout:
                 self.set_deadline(self.loop.now + self.settings.send_timeout)
-            return 0
-        # everything sent
-        if self.close_after:
-            self.start_linger()
-            return 0
-        if was_full and self.rend > self.rstart:
-            self.process()          # pipelined requests waited for room
-            return 0
-        if self.read_eof:
-            self.close()
-            return 0
-        self.watch(EPOLLIN)
-        if self.phase == P_BODY:
+        elif self.phase == P_BODY:
             self.set_deadline(self.loop.now + self.settings.body_timeout)
+        elif self.task is not None:
+            self.set_deadline(0)        # the exchange's own deadlines govern
         elif self.rend > self.rstart:
             self.set_deadline(self.head_deadline)
         else:
             self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+        self.update_interest()
+        return 0
+
+    cdef int update_interest(self) except -1:
+        cdef uint32_t ev
+        if self.phase == P_CLOSED:
+            return 0
+        if self.phase == P_LINGER:
+            ev = EPOLLIN
+        elif self.read_eof:
+            ev = 0
+        elif self.phase == P_BODY:
+            ev = EPOLLRDHUP if self.task is not None and self.task.body_full() else EPOLLIN
+        elif self.task is not None:
+            ev = EPOLLRDHUP             # only to notice the client leaving
+        elif self.close_after or self.out.full():
+            ev = 0
+        else:
+            ev = EPOLLIN
+        if self.blocked:
+            ev |= EPOLLOUT
+        self.watch(ev)
         return 0
 
     cdef int start_linger(self) except -1:
@@ -564,9 +616,16 @@ cdef class Connection(Handle):
         return 0
 
     cdef void close(self):
+        cdef Deferred task
         if self.phase == P_CLOSED:
             return
         self.phase = P_CLOSED
+        if self.task is not None:
+            task, self.task = self.task, None
+            try:
+                task.abort()
+            except Exception:
+                traceback.print_exc()
         self.unwatch()
         self.set_deadline(0)
         close(self.fd)

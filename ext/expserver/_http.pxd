@@ -54,6 +54,8 @@ cdef class Parser:
     cdef int scan_head(self, const unsigned char *buf, Py_ssize_t n) noexcept
     cdef Request build(self, const unsigned char *buf)
     cdef void start_body(self, Request req)
+    cdef void begin_fields(self, Py_ssize_t pos)
+    cdef void start_framing(self, bint chunked, long long length, bint until_eof)
     cdef Py_ssize_t feed_body(self, const unsigned char *p, Py_ssize_t n, list out) except -2
     cdef inline bint body_done(self) noexcept:
         return self.bstate == 0

@@ -122,6 +122,7 @@ cdef enum:
     B_END_LF
     B_EXT_BWS        # BWS after the chunk size: only ';' may follow
     B_TRAILER_NAME
+    B_UNTIL_EOF      # a response delimited by the close of the connection
 
 DEF MAX_CHUNK_EXT = 4096
 DEF MAX_TRAILERS = 8192
@@ -659,6 +660,27 @@ cdef class Parser:
         else:
             self.bstate = B_NONE
 
+    cdef void begin_fields(self, Py_ssize_t pos):
+        """Scan field lines from ``pos``: a response head after its status line."""
+        self.reset()
+        self.state = S_FIELD_START
+        self.pos = pos
+        self.line_start = pos
+
+    cdef void start_framing(self, bint chunked, long long length, bint until_eof):
+        """Frame a response body (RFC 9112 6.3): chunked, a length, or until EOF."""
+        self.received = 0
+        self.aux = 0
+        if chunked:
+            self.bstate = B_SIZE_FIRST
+        elif until_eof:
+            self.bstate = B_UNTIL_EOF
+        elif length > 0:
+            self.bstate = B_LENGTH
+            self.remaining = length
+        else:
+            self.bstate = B_NONE
+
     cdef Py_ssize_t feed_body(self, const unsigned char *p, Py_ssize_t n, list out) except -2:
         """Consume body bytes from p[:n]; data goes to ``out`` (None: discarded).
 
@@ -668,6 +690,11 @@ cdef class Parser:
         cdef Py_ssize_t i = 0, take
         cdef int st = self.bstate
         cdef unsigned char c, h
+        if st == B_UNTIL_EOF:
+            if out is not None and n:
+                out.append(PyBytes_FromStringAndSize(<const char *>p, n))
+            self.received += n
+            return n
         if st == B_LENGTH:
             take = n if n < self.remaining else <Py_ssize_t>self.remaining
             if out is not None and take:
@@ -874,7 +901,7 @@ cdef class RequestParser:
                 pos += self.parser.pos
                 self.parser.reset()
                 self.parser.start_body(self.current)
-                self.body = []
+                self.body = [] if not self.parser.body_done() else None
             if not self.parser.body_done():
                 if pos == n:
                     break

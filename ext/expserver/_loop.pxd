@@ -26,7 +26,8 @@ cdef class Handle:
     cdef Loop loop
     cdef double deadline          # monotonic seconds; 0 = no deadline
     cdef double heap_deadline     # deadline of this handle's timer-heap entry; 0 = none
-    cdef uint32_t interest        # epoll events currently registered (0 = not registered)
+    cdef uint32_t interest        # epoll events currently asked for
+    cdef bint registered          # the fd is in the epoll set
     cdef int on_events(self, uint32_t events) except -1
     cdef int on_timeout(self) except -1
     cdef void set_deadline(self, double when)

@@ -55,15 +55,17 @@ cdef class Handle:
             self.loop.push_timer(self, when)
 
     cdef int watch(self, uint32_t events) except -1:
+        """Register the fd or change its events (0: only hang-ups and errors)."""
         cdef epoll_event ev
-        if events == self.interest:
+        if self.registered and events == self.interest:
             return 0
         ev.events = events
         ev.data.ptr = <void *>self
-        if self.interest == 0:
+        if not self.registered:
             if epoll_ctl(self.loop.epfd, EPOLL_CTL_ADD, self.fd, &ev) < 0:
                 raise OSError(errno, os.strerror(errno))
             self.loop.handles[self.fd] = self
+            self.registered = True
         elif epoll_ctl(self.loop.epfd, EPOLL_CTL_MOD, self.fd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
         self.interest = events
@@ -72,9 +74,10 @@ cdef class Handle:
     cdef int unwatch(self) except -1:
         """Stop watching the fd (before closing it) and keep self alive to the batch end."""
         cdef epoll_event ev
-        if self.interest:
+        if self.registered:
             epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, &ev)
             self.interest = 0
+            self.registered = False
             self.loop.graveyard.append(self)
             del self.loop.handles[self.fd]
         return 0
@@ -248,7 +251,7 @@ cdef class Loop:
             self.update_time()
             for i in range(n):
                 h = <Handle>self.evbuf[i].data.ptr
-                if h.interest == 0:
+                if not h.registered:
                     continue      # closed earlier in this batch
                 try:
                     h.on_events(self.evbuf[i].events)

@@ -23,6 +23,12 @@ cdef class Pipe:
         # a queued file or stream counts as full: one open file per connection at a time,
         # whatever a pipelining client asks for
         return self.size >= self.threshold or self.streams > 0
+    cdef inline bint has_room(self):
+        return self.size < self.threshold
+    cdef inline void hold(self):
+        self.streams += 1           # a deferred answer owns the rest of the stream
+    cdef inline void release(self):
+        self.streams -= 1
     cdef inline bint empty(self):
         return self.head == len(self.items)
     cdef int flush(self, int fd) except -2

@@ -1,0 +1,100 @@
+"""``reverse_proxy`` routes: the policy around the compiled data path (expserver._proxy).
+
+The balancer picks peers (expserver.balancer); ``expserver._proxy`` moves the bytes. Peer
+addresses are resolved once when the worker starts (a name that does not resolve leaves
+that peer failing until the next start: periodic re-resolution is still to come).
+
+Active health checks run in one daemon thread per route with blocking sockets and short
+timeouts: a probe is a few hundred bytes every ``interval`` seconds, and the only thing the
+thread shares with the loop is ``peer.healthy``, a flag the loop reads when picking.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from ._loop import Loop
+from ._proxy import ProxyRoute
+from .balancer import Balancer, HealthChecker, Peer
+from .config import HealthCheckConfig, RouteConfig
+
+Address = tuple[int, Any]
+
+
+def resolve(host: str, port: int) -> Address | None:
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        print(f"expserver: upstream {host}:{port} does not resolve ({e}); it will fail",
+              file=sys.stderr)
+        return None
+    return family, sockaddr
+
+
+def _host_header(route: RouteConfig) -> bytes | None:
+    if route.proxy_host_header == "client":
+        return None
+    if route.proxy_host_header == "upstream":
+        return b""
+    return route.proxy_host_header.encode("ascii")
+
+
+def make_route(route: RouteConfig, loop: Loop) -> ProxyRoute:
+    balancer = Balancer.from_route(route)
+    addrs = {peer: resolve(peer.host, peer.port) for peer in balancer.peers}
+    handler = ProxyRoute(
+        loop, balancer, addrs,
+        connect_timeout=route.connect_timeout,
+        read_timeout=route.upstream_read_timeout,
+        send_timeout=route.upstream_send_timeout,
+        keepalive=route.upstream_keepalive,
+        retries=balancer.tries - 1,
+        host_header=_host_header(route),
+    )
+    if route.health_check is not None:
+        HealthProbe(route.health_check, balancer.peers, addrs).start()
+    return handler
+
+
+class HealthProbe(threading.Thread):
+    """Sends each peer a GET of the check path every interval; flips ``peer.healthy``."""
+
+    def __init__(self, check: HealthCheckConfig, peers: list[Peer],
+                 addrs: dict[Peer, Address | None]) -> None:
+        super().__init__(name="expserver-health", daemon=True)
+        self.check = check
+        self.checker = HealthChecker(check, peers)
+        self.addrs = addrs
+
+    def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            for peer in self.checker.peers:
+                ok = self.checker.passed(self.probe(peer))
+                if self.checker.record(peer, ok):
+                    state = "healthy again" if peer.healthy else "unhealthy"
+                    print(f"expserver: upstream {peer.address} is {state}", file=sys.stderr,
+                          flush=True)
+            time.sleep(max(0.0, self.check.interval - (time.monotonic() - started)))
+
+    def probe(self, peer: Peer) -> int | None:
+        """The status of one probe, or None when it got no valid response."""
+        addr = self.addrs.get(peer)
+        if addr is None:
+            return None
+        family, sockaddr = addr
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.check.timeout)
+                sock.connect(sockaddr)
+                sock.sendall(self.checker.request(peer))
+                line = sock.makefile("rb").readline(256)
+        except OSError:
+            return None
+        parts = line.split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            return None
+        return int(parts[1])

@@ -1,0 +1,88 @@
+from libc.stdint cimport uint32_t
+from expserver._loop cimport Loop, Handle
+from expserver._pipe cimport Pipe
+from expserver._http cimport Parser, Request
+
+
+cdef class Stats:
+    cdef public long long conn_accepted, conn_current, conn_error, conn_timeout
+    cdef public long long conn_accepted_error
+    cdef public long long req_total, req_current
+    cdef public long long res_1xx, res_2xx, res_3xx, res_4xx, res_5xx
+    cdef public long long recv_bytes, send_bytes
+    cdef public double res_time_total, res_time_peak
+
+
+cdef class Settings:
+    cdef public double keepalive_timeout, header_timeout, body_timeout, send_timeout
+    cdef public long long max_body_size
+    cdef public int max_line, max_field, max_head, max_fields
+    cdef public Py_ssize_t pipe_threshold
+    cdef public int max_connections
+
+
+cdef class Core:
+    cdef public Loop loop
+    cdef public Stats stats
+    cdef public set connections
+    cdef public bint draining
+
+
+cdef class Listener(Handle):
+    cdef public object sock
+    cdef public object handler
+    cdef public Settings settings
+    cdef Core core
+    cdef bint paused
+    cdef void _pause(self, double seconds)
+
+
+cdef class Deferred:
+    """An answer that is not ready when the handler returns (the proxy's exchanges).
+
+    The handler returns ``(0, b"", deferred)``; the connection then calls ``start``, feeds
+    the request body through ``on_body`` while ``body_full`` is false, tells ``on_drain``
+    when its pipe has room again, and ``abort`` if the client goes away. The deferred writes
+    the response into ``conn.out`` itself and calls ``conn.task_done()`` when it is complete.
+    """
+    cdef int start(self, Connection conn, Request req) except -1
+    cdef bint body_full(self)
+    cdef int on_body(self, list chunks, bint done) except -1
+    cdef int on_drain(self) except -1
+    cdef int abort(self) except -1
+
+
+cdef class Connection(Handle):
+    cdef Listener listener
+    cdef Core core
+    cdef public Settings settings
+    cdef public str peer
+    cdef unsigned char *rbuf
+    cdef Py_ssize_t rcap, rstart, rend
+    cdef Parser parser
+    cdef Pipe out
+    cdef int phase
+    cdef bint close_after      # close once the pipe drains
+    cdef bint read_eof         # the client shut its sending side
+    cdef bint blocked          # the socket is full: waiting for EPOLLOUT
+    cdef double head_deadline  # total deadline of the head being read (0: none yet)
+    cdef double started        # when the current request's head was complete
+    cdef Deferred task         # the deferred answer in progress, if any
+
+    cdef void init(self, Listener listener, int fd, str peer)
+    cdef int read(self) except -1
+    cdef int make_room(self) except -1
+    cdef int process(self) except -1
+    cdef int dispatch(self, Request req) except -1
+    cdef int respond_error(self, Request req, int status) except -1
+    cdef int respond(self, Request req, int status, bytes headers, object body) except -1
+    cdef int count(self, int status) except -1
+    cdef void close_file(self, object fr)
+    cdef int fail(self, int status) except -1
+    cdef int flush(self) except -1
+    cdef int update_interest(self) except -1
+    cdef int task_done(self, bint reusable) except -1
+    cdef void drain(self)
+    cdef int start_linger(self) except -1
+    cdef int linger_read(self) except -1
+    cdef void close(self)

@@ -1,0 +1,707 @@
+# cython: language_level=3
+"""Reverse proxy data path: upstream connections and exchanges that stream both ways.
+
+Theory of operation
+-------------------
+A ``ProxyRoute`` is the handler of one ``reverse_proxy`` route: called per request, it
+returns ``(0, b"", Exchange)``, a deferred answer the client ``Connection`` then drives.
+
+An ``Exchange`` is one proxied request. It asks the route's balancer for a peer, takes an
+idle ``Upstream`` from that peer's pool (or connects a new one) and queues the request head
+in the upstream's pipe. Request body chunks arrive through ``on_body`` and are queued behind
+it; while that pipe is over its threshold ``body_full`` is true and the client connection
+stops reading. When the upstream drains its pipe it lets the client connection go on.
+
+The upstream's response head is scanned in the Upstream's own buffer (status line here,
+field lines by the shared ``Parser``), hop-by-hop fields are dropped, the body is re-framed
+for the client (Content-Length kept; chunked or close-delimited become chunked for HTTP/1.1
+clients, close-delimited for HTTP/1.0 ones) and pushed into the client's pipe as it arrives.
+While that pipe is over its threshold the Upstream stops reading (``paused``); the client
+connection calls ``on_drain`` when it has room again. So neither side ever makes us buffer a
+whole body: memory per exchange is bounded by two pipe thresholds and two read buffers.
+
+Failures before the response head starts: a connect failure is retried on the next peer
+(nothing was sent, whatever the method); a reset or an empty reply is retried only for
+idempotent requests without a body; otherwise 502 (504 for a timeout). After the head was
+sent to the client, a failure can only cut the client connection: never a fake end.
+
+Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
+"""
+import os
+import socket
+import traceback
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport malloc, free
+from libc.string cimport memchr, memmove
+from libc.stdint cimport uint32_t
+from expserver._sys cimport *
+from expserver._loop cimport Loop, Handle
+from expserver._pipe cimport Pipe, FLUSH_DONE, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._http cimport Parser, Request, AGAIN, DONE
+from expserver._conn cimport Connection, Deferred
+
+DEF RBUF_SIZE = 65536
+DEF MAX_STATUS_LINE = 8192
+
+cdef enum UState:
+    U_CONNECTING = 0
+    U_ACTIVE = 1
+    U_IDLE = 2
+    U_CLOSED = 3
+
+cdef bytes CRLF = b"\r\n"
+cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef bytes TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+# Fields that describe one connection, not the message (RFC 9110 7.6.1).
+cdef frozenset HOP_BY_HOP = frozenset([
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade"])
+# Request fields the exchange writes itself.
+cdef frozenset REWRITTEN = HOP_BY_HOP | frozenset([
+    b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
+cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+cdef unsigned char LOWER[256]
+cdef int _c
+for _c in range(256):
+    LOWER[_c] = _c + 32 if 65 <= _c <= 90 else _c
+
+
+cdef inline bytes _lower(const unsigned char *p, Py_ssize_t n):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char *q = <unsigned char *>(<char *>out)
+    cdef Py_ssize_t i
+    for i in range(n):
+        q[i] = LOWER[p[i]]
+    return out
+
+
+cdef set _tokens(bytes value):
+    """Lower-case tokens of a comma-separated field value."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+cdef class ResponseHead:
+    """An upstream response head, as much as relaying it needs."""
+    cdef public int status
+    cdef public int version
+    cdef public bytes reason
+    cdef public list lines          # raw "Name: value" lines to relay, in order
+    cdef public long long length    # -1: none
+    cdef public bint chunked
+    cdef public bint close          # the upstream will not keep the connection
+
+
+cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -1:
+    """``HTTP/1.x SP 3DIGIT SP reason`` (p[:n] without CRLF); -1: invalid."""
+    cdef Py_ssize_t i
+    if n < 12 or p[0] != 72 or p[1] != 84 or p[2] != 84 or p[3] != 80 or p[4] != 47 \
+            or p[5] != 49 or p[6] != 46 or not (48 <= p[7] <= 57) or p[8] != 32:
+        return -1
+    for i in range(9, 12):
+        if not (48 <= p[i] <= 57):
+            return -1
+    if n > 12 and p[12] != 32:
+        return -1
+    for i in range(12, n):
+        if p[i] < 32 and p[i] != 9 or p[i] == 127:
+            return -1
+    head.version = 10 if p[7] == 48 else 11
+    head.status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    head.reason = PyBytes_FromStringAndSize(<const char *>p + 13, n - 13) if n > 13 else b""
+    if head.status < 100 or head.status > 599:
+        return -1
+    return 0
+
+
+cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
+                        ResponseHead head) except -1:
+    """Field lines p[start:end] (validated by Parser.scan_head) into ``head``; -1: bad framing."""
+    cdef Py_ssize_t ls = start, le, colon, vs, ve, i
+    cdef const unsigned char *hit
+    cdef bytes name, value
+    cdef list lines = []
+    cdef set drop = set()
+    cdef long long cl = -1
+    cdef int te = 0
+    cdef bint close = False, keep = False
+    while ls < end and p[ls] != 13:
+        hit = <const unsigned char *>memchr(p + ls, 13, end - ls)
+        le = hit - p
+        colon = (<const unsigned char *>memchr(p + ls, 58, le - ls)) - p
+        vs = colon + 1
+        while vs < le and (p[vs] == 32 or p[vs] == 9):
+            vs += 1
+        ve = le
+        while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
+            ve -= 1
+        name = _lower(p + ls, colon - ls)
+        value = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
+        if name == b"content-length":
+            if cl >= 0 or ve == vs or ve - vs > 18:
+                return -1
+            cl = 0
+            for i in range(vs, ve):
+                if not (48 <= p[i] <= 57):
+                    return -1
+                cl = cl * 10 + (p[i] - 48)
+        elif name == b"transfer-encoding":
+            if te or value.lower() != b"chunked":
+                return -1           # only "chunked", once, can be relayed correctly
+            te = 1
+        elif name == b"connection":
+            toks = _tokens(value)
+            drop |= toks
+            close = close or b"close" in toks
+            keep = keep or b"keep-alive" in toks
+        lines.append((name, PyBytes_FromStringAndSize(<const char *>p + ls, le - ls)))
+        ls = le + 2
+    if te and cl >= 0:
+        return -1                   # RFC 9112 6.3: a smuggling signal; refuse it
+    drop |= HOP_BY_HOP
+    drop.discard(b"content-length")
+    head.lines = [line for name, line in lines if name not in drop and name != b"content-length"]
+    head.length = cl
+    head.chunked = te == 1
+    head.close = close or (head.version == 10 and not keep)
+    return 0
+
+
+cdef class ProxyRoute:
+    """The handler of one reverse_proxy route (built by expserver.proxy from the config)."""
+    cdef public object balancer
+    cdef public object loop
+    cdef public double connect_timeout, read_timeout, send_timeout, idle_timeout
+    cdef public int keepalive
+    cdef public int retries
+    cdef public object host_header     # None: the client's; b"": the peer's; else literal
+    cdef public Py_ssize_t threshold
+    cdef public object on_peer_result  # callable(peer, ok) for passive health, or None
+    cdef dict pools                    # peer -> [idle Upstream]
+    cdef dict addrs                    # peer -> (family, sockaddr)
+
+    def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
+                 send_timeout=60.0, idle_timeout=60.0, keepalive=32, retries=1,
+                 host_header=None, threshold=65536):
+        self.loop = loop
+        self.balancer = balancer
+        self.addrs = dict(addrs)
+        self.pools = {}
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.send_timeout = send_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive
+        self.retries = retries
+        self.host_header = host_header
+        self.threshold = threshold
+
+    def __call__(self, Request req):
+        cdef Exchange ex = Exchange.__new__(Exchange)
+        ex.route = self
+        return 0, b"", ex
+
+    def idle_count(self):
+        return sum(len(v) for v in self.pools.values())
+
+    cdef Upstream take_idle(self, object peer):
+        cdef list pool = self.pools.get(peer)
+        cdef Upstream up
+        while pool:
+            up = <Upstream>pool.pop()
+            if up.state == U_IDLE:
+                return up
+        return None
+
+    cdef void give_back(self, Upstream up):
+        cdef list pool = self.pools.get(up.peer)
+        if pool is None:
+            pool = self.pools[up.peer] = []
+        if len(pool) >= self.keepalive:
+            up.close()
+            return
+        up.state = U_IDLE
+        up.ex = None
+        pool.append(up)
+        up.watch(EPOLLIN)             # an idle upstream that closes or talks is dropped
+        up.set_deadline((<Loop>self.loop).now + self.idle_timeout)
+
+    cdef void forget(self, Upstream up):
+        cdef list pool = self.pools.get(up.peer)
+        if pool is not None and up in pool:
+            pool.remove(up)
+
+
+cdef class Upstream(Handle):
+    cdef ProxyRoute route
+    cdef object peer
+    cdef object sock
+    cdef Exchange ex
+    cdef int state
+    cdef bint reused           # came from the pool
+    cdef bint paused           # not reading: the client's pipe is full
+    cdef Pipe out              # request bytes towards the upstream
+    cdef Parser parser
+    cdef unsigned char *rbuf
+    cdef Py_ssize_t rstart, rend
+    cdef ResponseHead head
+    cdef Py_ssize_t fields_start   # where the field lines begin (after the status line)
+    cdef bint body_started
+
+    def __dealloc__(self):
+        if self.rbuf != NULL:
+            free(self.rbuf)
+
+    cdef int connect(self, object addr) except -1:
+        if addr is None:            # the name did not resolve at start-up
+            self.state = U_CONNECTING
+            self.loop.call_soon(self.connect_failed)
+            return 0
+        family, sockaddr = addr
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.state = U_CONNECTING
+        err = self.sock.connect_ex(sockaddr)
+        self.watch(EPOLLOUT)
+        if err not in (0, 115):    # 115: EINPROGRESS; anything else failed at once
+            self.loop.call_soon(self.connect_failed)
+            return 0
+        self.set_deadline(self.loop.now + self.route.connect_timeout)
+        return 0
+
+    def connect_failed(self):
+        if self.ex is not None and self.state == U_CONNECTING:
+            self.ex.upstream_failed(self, False, 502)
+
+    cdef int on_events(self, uint32_t events) except -1:
+        cdef int err
+        if self.state == U_IDLE:
+            self.route.forget(self)     # closed or spoke while idle: not reusable
+            self.close()
+            return 0
+        if self.state == U_CONNECTING:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or events & (EPOLLERR | EPOLLHUP):
+                self.ex.upstream_failed(self, False, 502)
+                return 0
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.state = U_ACTIVE
+            self.flush()
+            return 0
+        if self.state != U_ACTIVE:
+            return 0
+        if events & EPOLLOUT:
+            self.flush()
+        if self.state == U_ACTIVE and events & (EPOLLIN | EPOLLERR | EPOLLHUP) \
+                and not self.paused:
+            self.read()
+        return 0
+
+    cdef int on_timeout(self) except -1:
+        if self.state == U_IDLE:
+            self.route.forget(self)
+            self.close()
+        elif self.ex is not None:
+            self.ex.upstream_failed(self, self.state != U_CONNECTING, 504)
+        else:
+            self.close()
+        return 0
+
+    cdef int flush(self) except -1:
+        cdef Exchange ex = self.ex
+        cdef bint was_full = self.out.full()
+        cdef long long before = self.out.sent
+        cdef int r = self.out.flush(self.fd)
+        if r == FLUSH_ERROR:
+            ex.upstream_failed(self, self.out.sent > 0 or self.reused, 502)
+            return 0
+        if r == FLUSH_AGAIN:
+            self.watch(EPOLLIN | EPOLLOUT)
+            if self.out.sent != before or self.head is None:
+                self.set_deadline(self.loop.now + self.route.send_timeout)
+        else:
+            self.watch(0 if self.paused else EPOLLIN)
+            if self.head is None or not self.paused:
+                self.set_deadline(self.loop.now + self.route.read_timeout)
+        if was_full and not self.out.full() and ex is not None and ex.conn is not None:
+            ex.conn.process()           # the client may send more body now
+        return 0
+
+    cdef int read(self) except -1:
+        cdef ssize_t n
+        if self.rbuf == NULL:
+            self.rbuf = <unsigned char *>malloc(RBUF_SIZE)
+            if self.rbuf == NULL:
+                raise MemoryError()
+            self.rstart = self.rend = 0
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+        if self.rend == RBUF_SIZE:
+            if self.rstart == 0:
+                self.ex.upstream_failed(self, True, 502)    # a head larger than the buffer
+                return 0
+            memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
+            self.rend -= self.rstart
+            self.rstart = 0
+        n = recv(self.fd, self.rbuf + self.rend, RBUF_SIZE - self.rend, 0)
+        if n > 0:
+            self.rend += n
+            self.set_deadline(self.loop.now + self.route.read_timeout)
+            self.ex.on_upstream_data(self)
+        elif n == 0:
+            self.ex.on_upstream_eof(self)
+        elif errno != EAGAIN and errno != EINTR:
+            self.ex.on_upstream_eof(self)
+        return 0
+
+    cdef void pause(self):
+        self.paused = True
+        self.watch(EPOLLOUT if not self.out.empty() else 0)
+        self.set_deadline(0)
+
+    cdef void resume(self):
+        if self.paused and self.state == U_ACTIVE:
+            self.paused = False
+            self.watch(EPOLLIN | (0 if self.out.empty() else EPOLLOUT))
+            self.set_deadline(self.loop.now + self.route.read_timeout)
+            if self.rend > self.rstart:
+                self.ex.on_upstream_data(self)
+
+    cdef void close(self):
+        if self.state == U_CLOSED:
+            return
+        self.state = U_CLOSED
+        self.unwatch()
+        self.set_deadline(0)
+        if self.sock is not None:
+            self.sock.close()
+        self.out.clear()
+        self.ex = None
+        if self.rbuf != NULL:
+            free(self.rbuf)
+            self.rbuf = NULL
+
+
+cdef class Exchange(Deferred):
+    cdef ProxyRoute route
+    cdef Connection conn
+    cdef Request req
+    cdef Upstream up
+    cdef bytes head_bytes       # the request head as sent upstream
+    cdef set tried
+    cdef int attempts
+    cdef bint idempotent
+    cdef bint has_body
+    cdef bint body_done
+    cdef bint chunked_up        # the body goes upstream chunked
+    cdef bint head_sent         # the response head is in the client's pipe
+    cdef bint chunked_down      # we frame the body in chunks for the client
+    cdef bint close_down        # the client connection ends with this response
+    cdef bint no_body
+    cdef bint finished
+    cdef int last_status        # what to answer if no peer is left (502 or 504)
+    cdef object _host           # the client's Host value, if any
+
+    # ----------------------------------------------------------- Deferred
+    cdef int start(self, Connection conn, Request req) except -1:
+        self.conn = conn
+        self.req = req
+        self.tried = set()
+        self.has_body = req.chunked or req.content_length > 0
+        self.body_done = not self.has_body
+        self.chunked_up = req.chunked
+        self.idempotent = req.method in IDEMPOTENT
+        self.head_bytes = self.request_head()
+        self.next_peer()
+        return 0
+
+    cdef bint body_full(self):
+        return self.up is None or self.up.out.full()
+
+    cdef int on_body(self, list chunks, bint done) except -1:
+        cdef bytes c
+        cdef Upstream up = self.up
+        if self.finished or up is None:
+            return 0
+        for c in chunks:
+            if c:
+                up.out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_up else c)
+        if done:
+            self.body_done = True
+            if self.chunked_up:
+                up.out.push(LAST_CHUNK)
+        if up.state == U_ACTIVE:
+            up.flush()
+        return 0
+
+    cdef int on_drain(self) except -1:
+        if self.up is not None and self.up.paused:
+            self.up.resume()
+        return 0
+
+    cdef int abort(self) except -1:
+        """The client went away: the exchange ends, its upstream connection too."""
+        self.finished = True
+        self.conn = None
+        if self.up is not None:
+            self.release(self.up, False, True)
+        return 0
+
+    # ----------------------------------------------------------- request side
+    cdef bytes request_head(self):
+        cdef Request req = self.req
+        cdef list out = [req.method, b" ", req.path]
+        cdef set drop = set(REWRITTEN)
+        cdef bytes forwarded = None, host = None
+        if req.query:
+            out += [b"?", req.query]
+        out.append(b" HTTP/1.1\r\n")
+        for name, value in req.headers:
+            if name == b"connection":
+                drop |= _tokens(value)
+            elif name == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif name == b"host" and host is None:
+                host = value
+        for name, value in req.headers:
+            if name not in drop:
+                out += [name, b": ", value, CRLF]
+        self._host = host
+        out += [b"X-Forwarded-For: ",
+                (forwarded + b", " if forwarded else b"") + req.peer.encode("ascii"), CRLF,
+                b"X-Forwarded-Proto: http\r\n"]
+        if host is not None:
+            out += [b"X-Forwarded-Host: ", host, CRLF]
+        if req.chunked:
+            out.append(TE_CHUNKED)
+        elif req.content_length >= 0:
+            out.append(b"Content-Length: %d\r\n" % req.content_length)
+        return b"".join(out)
+
+    cdef bytes host_line(self, object peer):
+        cdef object mode = self.route.host_header
+        if mode is None and self._host is not None:
+            return b"Host: " + self._host + CRLF
+        if mode is None or mode == b"":
+            return b"Host: %s:%d\r\n" % (peer.host.encode("idna"), peer.port)
+        return b"Host: " + mode + CRLF
+
+    cdef int next_peer(self) except -1:
+        cdef Upstream up
+        cdef ProxyRoute route = self.route
+        cdef Loop loop = <Loop>route.loop
+        if self.attempts > route.retries:
+            return self.fail(self.last_status or 502)
+        peer = route.balancer.pick(self.req.peer, loop.now, self.tried)
+        if peer is None:
+            return self.fail(self.last_status or 502)
+        self.attempts += 1
+        self.tried.add(peer)
+        up = route.take_idle(peer)
+        if up is None:
+            up = Upstream.__new__(Upstream)
+            up.loop = loop
+            up.route = route
+            up.peer = peer
+            up.out = Pipe(route.threshold)
+            up.parser = Parser(8192, 8192, 65536, 100)
+            up.ex = self
+            up.connect(route.addrs[peer])
+        else:
+            up.reused = True
+            up.ex = self
+            up.state = U_ACTIVE
+            up.paused = False
+            up.head = None
+            up.body_started = False
+        peer.active += 1
+        self.up = up
+        up.out.push(self.head_bytes + self.host_line(peer) + CRLF)
+        if up.state == U_ACTIVE:
+            up.flush()
+        return 0
+
+    # ----------------------------------------------------------- response side
+    cdef int on_upstream_data(self, Upstream up) except -1:
+        cdef const unsigned char *p
+        cdef const unsigned char *lf
+        cdef Py_ssize_t n, used
+        cdef int rc
+        cdef list chunks
+        if self.finished:
+            return 0
+        while up.head is None or not self.head_sent:
+            p = up.rbuf + up.rstart
+            n = up.rend - up.rstart
+            if up.fields_start == 0:
+                lf = <const unsigned char *>memchr(p, 10, n)
+                if lf == NULL:
+                    if n > MAX_STATUS_LINE:
+                        return self.upstream_failed(up, True, 502)
+                    return 0
+                if lf == p or (lf - 1)[0] != 13:
+                    return self.upstream_failed(up, True, 502)    # bare LF
+                up.head = ResponseHead.__new__(ResponseHead)
+                if parse_status_line(p, lf - p - 1, up.head) < 0:
+                    return self.upstream_failed(up, True, 502)
+                up.fields_start = lf - p + 1
+                up.parser.begin_fields(up.fields_start)
+            rc = up.parser.scan_head(p, n)
+            if rc == AGAIN:
+                return 0
+            if rc < 0 or collect_fields(p, up.fields_start, up.parser.pos, up.head) < 0:
+                return self.upstream_failed(up, True, 502)
+            used = up.parser.pos
+            up.fields_start = 0
+            up.rstart += used
+            if up.head.status < 200:
+                if up.head.status == 101:
+                    return self.upstream_failed(up, True, 502)   # upgrades: not yet
+                up.head = None          # an interim answer (100, 103): skip it
+                continue
+            self.send_head(up)
+        # body
+        while up.rend > up.rstart and not self.finished:
+            if not self.conn_has_room():
+                up.pause()
+                return 0
+            chunks = []
+            used = up.parser.feed_body(up.rbuf + up.rstart, up.rend - up.rstart, chunks)
+            if used < 0:
+                return self.cut(up)      # invalid framing mid-body: never a fake end
+            up.rstart += used
+            self.relay(chunks)
+            if up.parser.body_done():
+                return self.complete(up)
+            if used == 0:
+                break
+        if not self.finished and up.parser.body_done():
+            return self.complete(up)
+        return 0
+
+    cdef bint conn_has_room(self):
+        return self.conn is not None and self.conn.out.has_room()
+
+    cdef int send_head(self, Upstream up) except -1:
+        cdef ResponseHead h = up.head
+        cdef Request req = self.req
+        cdef list out = [b"HTTP/1.1 %d " % h.status, h.reason, CRLF]
+        cdef bint head_only = req.method == b"HEAD"
+        self.no_body = head_only or h.status == 204 or h.status == 304
+        for line in h.lines:
+            out += [line, CRLF]
+        if self.no_body:
+            if head_only and h.length >= 0:
+                out.append(b"Content-Length: %d\r\n" % h.length)
+            up.parser.start_framing(False, 0, False)
+        elif h.length >= 0 and not h.chunked:
+            out.append(b"Content-Length: %d\r\n" % h.length)
+            up.parser.start_framing(False, h.length, False)
+        else:
+            # chunked or delimited by the upstream closing: chunked for 1.1 clients
+            if req.version == 11:
+                self.chunked_down = True
+                out.append(TE_CHUNKED)
+            else:
+                self.close_down = True
+            up.parser.start_framing(h.chunked, -1, not h.chunked)
+        if not req.keep_alive or self.conn.close_after:
+            self.close_down = True
+        if self.close_down:
+            out.append(b"Connection: close\r\n")
+        elif req.version == 10:
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(CRLF)
+        self.conn.out.push(b"".join(out))
+        self.conn.count(h.status)
+        self.head_sent = True
+        up.peer.succeeded()
+        self.conn.flush()
+        return 0
+
+    cdef void relay(self, list chunks):
+        cdef bytes c
+        cdef Pipe out = self.conn.out
+        for c in chunks:
+            if c:
+                out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_down else c)
+        if chunks:
+            self.conn.flush()
+
+    cdef int on_upstream_eof(self, Upstream up) except -1:
+        if self.finished:
+            return 0
+        if self.head_sent and up.rend == up.rstart and up.parser.bstate != 0:
+            # close-delimited bodies end here; anything else was cut short
+            if up.head.length < 0 and not up.head.chunked and not self.no_body:
+                up.parser.bstate = 0
+                return self.complete(up)
+            return self.cut(up)
+        # reset, empty reply, or a head cut short: the request was sent
+        return self.upstream_failed(up, True, 502)
+
+    cdef int complete(self, Upstream up) except -1:
+        """The whole response is in the client's pipe."""
+        cdef bint reusable = not up.head.close and up.rend == up.rstart and up.out.empty() \
+            and not (up.head.length < 0 and not up.head.chunked and not self.no_body)
+        if self.chunked_down:
+            self.conn.out.push(LAST_CHUNK)
+        self.finished = True
+        self.release(up, reusable and self.body_done, False)
+        conn, self.conn = self.conn, None
+        (<Connection>conn).task_done(not self.close_down)
+        return 0
+
+    cdef int cut(self, Upstream up) except -1:
+        """The response cannot be completed: close the client connection, no fake end."""
+        self.finished = True
+        self.release(up, False, True)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            (<Connection>conn).flush()        # what was relayed still goes out
+            (<Connection>conn).task = None
+            (<Connection>conn).close()
+        return 0
+
+    cdef void release(self, Upstream up, bint reusable, bint failed):
+        if up is self.up:
+            self.up = None
+        up.peer.active -= 1
+        if failed:
+            up.peer.failed((<Loop>self.route.loop).now)
+        if reusable and up.state == U_ACTIVE:
+            up.rstart = up.rend = 0
+            up.head = None
+            self.route.give_back(up)
+        else:
+            up.close()
+
+    cdef int upstream_failed(self, Upstream up, bint sent, int status) except -1:
+        """Connecting, writing or reading the head failed (``sent``: the request, or part
+        of it, reached the upstream). Retry on the next peer when that is safe: nothing was
+        sent, or the request is idempotent and has no body (nginx's proxy_next_upstream)."""
+        if self.finished:
+            up.close()
+            return 0
+        if self.head_sent:
+            return self.cut(up)
+        # a pooled connection the upstream had closed says nothing about the peer's health
+        self.release(up, False, not (up.reused and sent))
+        self.last_status = status
+        if not sent or (self.idempotent and not self.has_body):
+            return self.next_peer()
+        return self.fail(status)
+
+    cdef int fail(self, int status) except -1:
+        """Answer the client ourselves (502/504) and end the exchange."""
+        cdef Connection conn = self.conn
+        self.finished = True
+        if conn is None:
+            return 0
+        self.conn = None
+        conn.respond_error(self.req, status)
+        conn.task_done(self.body_done)
+        return 0
