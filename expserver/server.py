@@ -18,7 +18,6 @@ from ._loop import Loop
 from .app import App
 
 BACKLOG = 4096
-DRAIN_SECONDS = 30.0      # graceful shutdown gives in-flight responses this long
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 # Signals that arrive after the sockets listen but before a loop handles them are kept
@@ -72,21 +71,30 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def settings_of(cfg: config.Config) -> Settings:
-    return Settings(keepalive_timeout=cfg.keepalive_timeout, header_timeout=cfg.header_timeout,
-                    body_timeout=cfg.body_timeout, send_timeout=cfg.send_timeout,
-                    max_body_size=cfg.max_body_size)
+def settings_of(cfg: config.Config, servers: list[config.ServerConfig]) -> Settings:
+    """Connection limits of one listener.
+
+    The head is read before the Host (and so the server) is known: its timeouts come from
+    the listener's first server, as nginx takes them from the default server. The body
+    limit is the loosest of the listener's routes; each proxy route enforces its own.
+    """
+    first = servers[0]
+    limits = [r.max_body_size for s in servers for r in s.routes] or [first.max_body_size]
+    return Settings(keepalive_timeout=first.keepalive_timeout,
+                    header_timeout=first.header_timeout, body_timeout=first.body_timeout,
+                    send_timeout=first.send_timeout,
+                    max_body_size=0 if 0 in limits else max(limits),
+                    max_connections=cfg.max_connections)
 
 
 def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
     loop = Loop()
     core = Core(loop)
-    settings = settings_of(cfg)
     listeners = []
     for (host, port), sock in socks.items():
         servers = [s for s in cfg.servers
                    if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
-        listener = Listener(core, sock, App(servers, loop), settings)
+        listener = Listener(core, sock, App(servers, loop), settings_of(cfg, servers))
         listener.start()
         listeners.append(listener)
 
@@ -100,7 +108,7 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
             if not core.connections:
                 loop.stop()
             else:
-                loop.call_later(DRAIN_SECONDS, loop.stop)
+                loop.call_later(cfg.drain_timeout, loop.stop)
         else:
             loop.stop()
 

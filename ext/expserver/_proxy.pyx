@@ -178,13 +178,13 @@ cdef class ProxyRoute:
     cdef public int retries
     cdef public object host_header     # None: the client's; b"": the peer's; else literal
     cdef public Py_ssize_t threshold
-    cdef public object on_peer_result  # callable(peer, ok) for passive health, or None
+    cdef public long long max_body    # the route's max_body_size (0: no limit)
     cdef dict pools                    # peer -> [idle Upstream]
     cdef dict addrs                    # peer -> (family, sockaddr)
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
                  send_timeout=60.0, idle_timeout=60.0, keepalive=32, retries=1,
-                 host_header=None, threshold=65536):
+                 host_header=None, threshold=65536, max_body=0):
         self.loop = loop
         self.balancer = balancer
         self.addrs = dict(addrs)
@@ -197,6 +197,7 @@ cdef class ProxyRoute:
         self.retries = retries
         self.host_header = host_header
         self.threshold = threshold
+        self.max_body = max_body
 
     def __call__(self, Request req):
         cdef Exchange ex = Exchange.__new__(Exchange)
@@ -403,6 +404,7 @@ cdef class Exchange(Deferred):
     cdef bint no_body
     cdef bint finished
     cdef int last_status        # what to answer if no peer is left (502 or 504)
+    cdef long long received     # chunked request body bytes so far
     cdef object _host           # the client's Host value, if any
 
     # ----------------------------------------------------------- Deferred
@@ -414,6 +416,8 @@ cdef class Exchange(Deferred):
         self.body_done = not self.has_body
         self.chunked_up = req.chunked
         self.idempotent = req.method in IDEMPOTENT
+        if 0 < self.route.max_body < req.content_length:
+            return self.fail(413)
         self.head_bytes = self.request_head()
         self.next_peer()
         return 0
@@ -426,6 +430,11 @@ cdef class Exchange(Deferred):
         cdef Upstream up = self.up
         if self.finished or up is None:
             return 0
+        if self.route.max_body and self.req.chunked:
+            self.received += sum(len(c) for c in chunks)
+            if self.received > self.route.max_body and not self.head_sent:
+                self.release(up, False, False)      # a chunked body over the limit
+                return self.fail(413)
         for c in chunks:
             if c:
                 up.out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_up else c)
