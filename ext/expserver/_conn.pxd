@@ -82,6 +82,7 @@ cdef class Connection(Handle):
     cdef int flush(self) except -1
     cdef int update_interest(self) except -1
     cdef int task_done(self, bint reusable) except -1
+    cdef int start_tunnel(self) except -1
     cdef void drain(self)
     cdef int start_linger(self) except -1
     cdef int linger_read(self) except -1

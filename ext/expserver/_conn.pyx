@@ -532,6 +532,14 @@ cdef class Connection(Handle):
             self.process()          # answers pipelined requests, then flushes
         return 0
 
+    cdef int start_tunnel(self) except -1:
+        """After a 101: every further client byte belongs to the task, until either closes."""
+        self.parser.start_framing(False, -1, True)
+        self.phase = P_BODY
+        self.close_after = True
+        self.process()              # bytes that came with the upgrade request
+        return 0
+
     # ---------------------------------------------------------------- writing
     cdef int flush(self) except -1:
         cdef bint was_full = self.out.full()

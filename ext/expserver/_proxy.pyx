@@ -92,6 +92,7 @@ cdef class ResponseHead:
     cdef public long long length    # -1: none
     cdef public bint chunked
     cdef public bint close          # the upstream will not keep the connection
+    cdef public bytes upgrade       # its Upgrade value (relayed only with a 101)
 
 
 cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -1:
@@ -151,6 +152,8 @@ cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end
             if te or value.lower() != b"chunked":
                 return -1           # only "chunked", once, can be relayed correctly
             te = 1
+        elif name == b"upgrade":
+            head.upgrade = value
         elif name == b"connection":
             toks = _tokens(value)
             drop |= toks
@@ -402,6 +405,8 @@ cdef class Exchange(Deferred):
     cdef bint chunked_down      # we frame the body in chunks for the client
     cdef bint close_down        # the client connection ends with this response
     cdef bint no_body
+    cdef bint upgrade           # the client asked for a protocol upgrade
+    cdef bint tunnel            # 101 received: raw bytes both ways
     cdef bint finished
     cdef int last_status        # what to answer if no peer is left (502 or 504)
     cdef long long received     # chunked request body bytes so far
@@ -468,9 +473,14 @@ cdef class Exchange(Deferred):
         if req.query:
             out += [b"?", req.query]
         out.append(b" HTTP/1.1\r\n")
+        cdef bytes upgrade = None
         for name, value in req.headers:
             if name == b"connection":
-                drop |= _tokens(value)
+                toks = _tokens(value)
+                drop |= toks
+                self.upgrade = b"upgrade" in toks
+            elif name == b"upgrade":
+                upgrade = value
             elif name == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b", " + value
             elif name == b"host" and host is None:
@@ -488,6 +498,10 @@ cdef class Exchange(Deferred):
             out.append(TE_CHUNKED)
         elif req.content_length >= 0:
             out.append(b"Content-Length: %d\r\n" % req.content_length)
+        # Upgrade is hop-by-hop: it is passed on only as the client's explicit request
+        self.upgrade = self.upgrade and upgrade is not None and req.version == 11
+        if self.upgrade:
+            out += [b"Connection: upgrade\r\nUpgrade: ", upgrade, CRLF]
         return b"".join(out)
 
     cdef bytes host_line(self, object peer):
@@ -568,7 +582,10 @@ cdef class Exchange(Deferred):
             up.rstart += used
             if up.head.status < 200:
                 if up.head.status == 101:
-                    return self.upstream_failed(up, True, 502)   # upgrades: not yet
+                    if not self.upgrade:
+                        return self.upstream_failed(up, True, 502)   # unasked-for switch
+                    self.start_tunnel(up)
+                    break
                 up.head = None          # an interim answer (100, 103): skip it
                 continue
             self.send_head(up)
@@ -589,6 +606,25 @@ cdef class Exchange(Deferred):
                 break
         if not self.finished and up.parser.body_done():
             return self.complete(up)
+        return 0
+
+    cdef int start_tunnel(self, Upstream up) except -1:
+        """101 Switching Protocols: relay its head, then bytes both ways until a close."""
+        cdef ResponseHead h = up.head
+        cdef list out = [b"HTTP/1.1 101 ", h.reason, CRLF]
+        for line in h.lines:
+            out += [line, CRLF]
+        out += [b"Connection: upgrade\r\nUpgrade: ", h.upgrade or b"websocket", CRLF, CRLF]
+        self.tunnel = True
+        self.close_down = True
+        self.head_sent = True
+        self.conn.out.push(b"".join(out))
+        self.conn.count(101)
+        up.peer.succeeded()
+        up.parser.start_framing(False, -1, True)
+        self.conn.flush()
+        if self.conn is not None:
+            self.conn.start_tunnel()
         return 0
 
     cdef bint conn_has_room(self):
