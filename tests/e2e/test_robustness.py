@@ -309,7 +309,7 @@ def test_keepalive_timeout_does_not_cut_a_slow_download(start):
 
 
 def test_body_timeout_closes_a_stalled_upload(start):
-    served = start(header_timeout=1)
+    served = start(body_timeout=1)
     with served.connect() as sock:
         sock.sendall(POST + b"Content-Length: 100\r\n\r\n0123456789")
         t0 = time.monotonic()
