@@ -17,7 +17,8 @@ Groups (compare rows within one group; the "Min"/"Median" columns are per reques
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

@@ -14,8 +14,7 @@ import pytest
 from expserver import httpdate
 from expserver.compression import CompressionCache, CompressStream
 from expserver.response import FileRange
-from expserver.static import SMALL_FILE
-from expserver.static import UNSATISFIABLE, FileServe, parse_range
+from expserver.static import SMALL_FILE, UNSATISFIABLE, FileServe, parse_range
 
 T = calendar.timegm((2026, 11, 22, 5, 31, 59))
 T_HTTP = "Sun, 22 Nov 2026 05:31:59 GMT"

@@ -75,7 +75,7 @@ class Proc:
             out, err = self.proc.communicate()
             self.stdout += out
             self.stderr += err
-            raise AssertionError(f"still running after {timeout} s: {self.stderr.decode()}")
+            raise AssertionError(f"still running after {timeout} s: {self.stderr.decode()}") from None
         self.stdout += out
         self.stderr += err
         return self.proc.returncode
