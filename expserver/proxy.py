@@ -1,8 +1,9 @@
 """``reverse_proxy`` routes: the policy around the compiled data path (expserver._proxy).
 
 The balancer picks peers (expserver.balancer); ``expserver._proxy`` moves the bytes. Peer
-addresses are resolved once when the worker starts (a name that does not resolve leaves
-that peer failing until the next start: periodic re-resolution is still to come).
+addresses are resolved when the worker starts, and peers named by a host name are resolved
+again every ``RESOLVE_EVERY`` seconds by a background thread, so the loop never waits for DNS
+(a name that stops resolving keeps its last address).
 
 Active health checks run in one daemon thread per route with blocking sockets and short
 timeouts: a probe is a few hundred bytes every ``interval`` seconds, and the only thing the
@@ -10,6 +11,7 @@ thread shares with the loop is ``peer.healthy``, a flag the loop reads when pick
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 import threading
@@ -22,6 +24,7 @@ from .balancer import Balancer, HealthChecker, Peer
 from .config import HealthCheckConfig, RouteConfig
 
 Address = tuple[int, Any]
+RESOLVE_EVERY = 30.0
 
 
 def resolve(host: str, port: int) -> Address | None:
@@ -57,7 +60,38 @@ def make_route(route: RouteConfig, loop: Loop) -> ProxyRoute:
     )
     if route.health_check is not None:
         HealthProbe(route.health_check, balancer.peers, addrs).start()
+    named = [peer for peer in balancer.peers if not _is_ip(peer.host)]
+    if named:
+        Resolver(handler, named).start()
     return handler
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class Resolver(threading.Thread):
+    """Re-resolves the peers named by host name, off the loop."""
+
+    def __init__(self, route: ProxyRoute, peers: list[Peer]) -> None:
+        super().__init__(name="expserver-resolver", daemon=True)
+        self.route = route
+        self.peers = peers
+
+    def run(self) -> None:
+        while True:
+            time.sleep(RESOLVE_EVERY)
+            for peer in self.peers:
+                try:
+                    info = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+                except OSError:
+                    continue        # keep the last address that worked
+                family, _, _, _, sockaddr = info[0]
+                self.route.set_address(peer, (family, sockaddr))
 
 
 class HealthProbe(threading.Thread):

@@ -190,7 +190,7 @@ cdef class ProxyRoute:
                  host_header=None, threshold=65536, max_body=0):
         self.loop = loop
         self.balancer = balancer
-        self.addrs = dict(addrs)
+        self.addrs = addrs          # shared with the health probe and the resolver
         self.pools = {}
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -206,6 +206,10 @@ cdef class ProxyRoute:
         cdef Exchange ex = Exchange.__new__(Exchange)
         ex.route = self
         return 0, b"", ex
+
+    def set_address(self, peer, addr):
+        """A peer's address changed (re-resolution); new connections use it."""
+        self.addrs[peer] = addr
 
     def idle_count(self):
         return sum(len(v) for v in self.pools.values())
