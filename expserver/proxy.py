@@ -57,6 +57,7 @@ def make_route(route: RouteConfig, loop: Loop) -> ProxyRoute:
         retries=balancer.tries - 1,
         host_header=_host_header(route),
         max_body=route.max_body_size,
+        body_timeout=route.body_timeout,
     )
     if route.health_check is not None:
         HealthProbe(route.health_check, balancer.peers, addrs).start()

@@ -68,6 +68,7 @@ cdef class Connection(Handle):
     cdef double head_deadline  # total deadline of the head being read (0: none yet)
     cdef double started        # when the current request's head was complete
     cdef Deferred task         # the deferred answer in progress, if any
+    cdef public double body_timeout   # of the current request (its route may set it)
 
     cdef void init(self, Listener listener, int fd, str peer)
     cdef int read(self) except -1

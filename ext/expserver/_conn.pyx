@@ -405,6 +405,7 @@ cdef class Connection(Handle):
         cdef bint has_body = req.chunked or req.content_length > 0
         self.core.stats.req_total += 1
         self.started = self.loop.now
+        self.body_timeout = self.settings.body_timeout
         req.peer = self.peer
         if has_body:
             if 0 < self.settings.max_body_size < req.content_length:
@@ -570,7 +571,7 @@ cdef class Connection(Handle):
                     self.deadline > self.loop.now + self.settings.send_timeout:
                 self.set_deadline(self.loop.now + self.settings.send_timeout)
         elif self.phase == P_BODY:
-            self.set_deadline(self.loop.now + self.settings.body_timeout)
+            self.set_deadline(self.loop.now + self.body_timeout)
         elif self.task is not None:
             self.set_deadline(0)        # the exchange's own deadlines govern
         elif self.rend > self.rstart:

@@ -95,7 +95,7 @@ cdef class ResponseHead:
     cdef public bytes upgrade       # its Upgrade value (relayed only with a 101)
 
 
-cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -1:
+cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -2:
     """``HTTP/1.x SP 3DIGIT SP reason`` (p[:n] without CRLF); -1: invalid."""
     cdef Py_ssize_t i
     if n < 12 or p[0] != 72 or p[1] != 84 or p[2] != 84 or p[3] != 80 or p[4] != 47 \
@@ -118,7 +118,7 @@ cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead he
 
 
 cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
-                        ResponseHead head) except -1:
+                        ResponseHead head) except -2:
     """Field lines p[start:end] (validated by Parser.scan_head) into ``head``; -1: bad framing."""
     cdef Py_ssize_t ls = start, le, colon, vs, ve, i
     cdef const unsigned char *hit
@@ -182,12 +182,13 @@ cdef class ProxyRoute:
     cdef public object host_header     # None: the client's; b"": the peer's; else literal
     cdef public Py_ssize_t threshold
     cdef public long long max_body    # the route's max_body_size (0: no limit)
+    cdef public double body_timeout   # the route's client body timeout
     cdef dict pools                    # peer -> [idle Upstream]
     cdef dict addrs                    # peer -> (family, sockaddr)
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
                  send_timeout=60.0, idle_timeout=60.0, keepalive=32, retries=1,
-                 host_header=None, threshold=65536, max_body=0):
+                 host_header=None, threshold=65536, max_body=0, body_timeout=60.0):
         self.loop = loop
         self.balancer = balancer
         self.addrs = addrs          # shared with the health probe and the resolver
@@ -201,6 +202,7 @@ cdef class ProxyRoute:
         self.host_header = host_header
         self.threshold = threshold
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     def __call__(self, Request req):
         cdef Exchange ex = Exchange.__new__(Exchange)
@@ -414,6 +416,7 @@ cdef class Exchange(Deferred):
     cdef bint finished
     cdef int last_status        # what to answer if no peer is left (502 or 504)
     cdef long long received     # chunked request body bytes so far
+    cdef list replay            # body bytes queued while no upstream got a byte (retries)
     cdef object _host           # the client's Host value, if any
 
     # ----------------------------------------------------------- Deferred
@@ -427,6 +430,8 @@ cdef class Exchange(Deferred):
         self.idempotent = req.method in IDEMPOTENT
         if 0 < self.route.max_body < req.content_length:
             return self.fail(413)
+        conn.body_timeout = self.route.body_timeout
+        self.replay = []
         self.head_bytes = self.request_head()
         self.next_peer()
         return 0
@@ -444,16 +449,23 @@ cdef class Exchange(Deferred):
             if self.received > self.route.max_body and not self.head_sent:
                 self.release(up, False, False)      # a chunked body over the limit
                 return self.fail(413)
+        if self.replay is not None and up.out.sent:
+            self.replay = None          # bytes reached an upstream: no more replays
         for c in chunks:
             if c:
-                up.out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_up else c)
+                self.push_body(up, b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_up else c)
         if done:
             self.body_done = True
             if self.chunked_up:
-                up.out.push(LAST_CHUNK)
+                self.push_body(up, LAST_CHUNK)
         if up.state == U_ACTIVE:
             up.flush()
         return 0
+
+    cdef void push_body(self, Upstream up, bytes data):
+        up.out.push(data)
+        if self.replay is not None:
+            self.replay.append(data)
 
     cdef int on_drain(self) except -1:
         if self.up is not None and self.up.paused:
@@ -471,11 +483,15 @@ cdef class Exchange(Deferred):
     # ----------------------------------------------------------- request side
     cdef bytes request_head(self):
         cdef Request req = self.req
-        cdef list out = [req.method, b" ", req.path]
+        cdef list out = [req.method, b" "]
         cdef set drop = set(REWRITTEN)
         cdef bytes forwarded = None, host = None
-        if req.query:
-            out += [b"?", req.query]
+        if req.target[:1] == b"/":
+            out.append(req.target)          # origin-form: exactly as the client sent it
+        else:
+            out.append(req.path)            # absolute-form becomes origin-form
+            if req.query:
+                out += [b"?", req.query]
         out.append(b" HTTP/1.1\r\n")
         cdef bytes upgrade = None
         for name, value in req.headers:
@@ -527,7 +543,15 @@ cdef class Exchange(Deferred):
             return self.fail(self.last_status or 502)
         self.attempts += 1
         self.tried.add(peer)
-        up = route.take_idle(peer)
+        return self.use_peer(peer, True)
+
+    cdef int use_peer(self, object peer, bint pooled) except -1:
+        """Send the request to ``peer`` on an idle pooled connection or a new one."""
+        cdef Upstream up = None
+        cdef ProxyRoute route = self.route
+        cdef Loop loop = <Loop>route.loop
+        if pooled:
+            up = route.take_idle(peer)
         if up is None:
             up = Upstream.__new__(Upstream)
             up.loop = loop
@@ -547,6 +571,9 @@ cdef class Exchange(Deferred):
         peer.active += 1
         self.up = up
         up.out.push(self.head_bytes + self.host_line(peer) + CRLF)
+        if self.replay:
+            for data in self.replay:    # a retry after a connect failure: nothing was sent
+                up.out.push(data)
         if up.state == U_ACTIVE:
             up.flush()
         return 0
@@ -737,10 +764,15 @@ cdef class Exchange(Deferred):
             return 0
         if self.head_sent:
             return self.cut(up)
-        # a pooled connection the upstream had closed says nothing about the peer's health
-        self.release(up, False, not (up.reused and sent))
+        # a pooled connection the upstream had closed says nothing about the peer's health:
+        # the same peer is tried again on a new connection
+        cdef bint stale = up.reused and sent and status == 502
+        cdef object peer = up.peer
+        self.release(up, False, not stale)
         self.last_status = status
         if not sent or (self.idempotent and not self.has_body):
+            if stale:
+                return self.use_peer(peer, False)
             return self.next_peer()
         return self.fail(status)
 

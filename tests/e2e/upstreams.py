@@ -171,7 +171,7 @@ class UpConn:
             try:
                 if not self.sock.recv(65536):
                     return True
-            except socket.timeout:
+            except TimeoutError:
                 return False
             except OSError:
                 return True
