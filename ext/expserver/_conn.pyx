@@ -390,6 +390,11 @@ cdef class Connection(Handle):
                 self.rstart += used
                 if self.parser.body_done():
                     self.phase = P_HEAD
+                elif 0 < self.settings.max_body_size < self.parser.received:
+                    # a chunked body past the limit: its answer is out, the rest is not read
+                    self.close_after = True
+                    self.rstart = self.rend
+                    break
         if self.phase >= P_LINGER:
             return 0
         if self.rstart == self.rend:
