@@ -671,6 +671,38 @@ def test_upstream_read_timeout_is_504(proxy, up):
     assert wait_for(lambda: u.closed_conns == [1], 1.0)    # and it dropped the upstream
 
 
+def test_upstream_read_timeout_is_between_reads(proxy, up):
+    """A reply that trickles in for longer than the read timeout is fine: the timeout is
+    the longest silence, not a total."""
+    def trickle(conn: UpConn) -> None:
+        if conn.read_head() is None:
+            return
+        conn.send(response(200, length=False).replace(
+            b"\r\n\r\n", b"\r\nContent-Length: 15\r\n\r\n", 1))
+        for _ in range(15):
+            time.sleep(0.1)
+            conn.send(b"t")
+        conn.wait_closed(2)
+    served = proxy(up(trickle, "trickle"), upstream_read_timeout=0.5)
+    t0 = time.monotonic()
+    resp = get(served, "/")
+    assert (resp.status, resp.body) == (200, b"t" * 15)
+    assert time.monotonic() - t0 >= 1.4
+
+
+def test_upstream_stalling_mid_body_is_cut_at_the_read_timeout(proxy, up):
+    served = proxy(up(cut_reply(CUT_REPLIES["cl-close"][0], "hold"), "stall"),
+                   upstream_read_timeout=0.5)
+    with Client(served) as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        t0 = time.monotonic()
+        raw = recv_until_close(c.sock, timeout=5)
+        elapsed = time.monotonic() - t0
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and len(body) == 50_000
+    assert 0.4 <= elapsed < 2.0, elapsed     # the body stalls at once: cut after 0.5 s
+
+
 def test_connect_timeout_is_504(proxy):
     """A peer whose accept queue is full drops SYNs: the connect hangs until the timeout."""
     lsock = socket.socket()
@@ -693,7 +725,7 @@ def test_connect_timeout_is_504(proxy):
             pass
         finally:
             probe.close()
-        served = proxy("127.0.0.1:%d" % lsock.getsockname()[1], connect_timeout=0.5)
+        served = proxy(f"127.0.0.1:{lsock.getsockname()[1]}", connect_timeout=0.5)
         t0 = time.monotonic()
         resp = get(served, "/")
         elapsed = time.monotonic() - t0
@@ -993,6 +1025,27 @@ def test_round_robin_default_equal_shares(proxy, up):
     assert counts == {b"a": 50, b"b": 50}
 
 
+def test_random_two_uses_every_peer(proxy, up):
+    peers = [up(http(named(n)), n.decode()) for n in (b"a", b"b", b"c")]
+    counts = shares(proxy(*peers, lb_method="random_two"), 90)
+    assert set(counts) == {b"a", b"b", b"c"}, counts
+    assert min(counts.values()) >= 10, counts
+
+
+def test_backup_peer_serves_only_when_primaries_are_down(proxy, up):
+    a, spare = up(http(named(b"a")), "a"), up(http(named(b"spare")), "spare")
+    served = proxy(a, {"address": spare.address, "backup": True})
+    assert shares(served, 10) == {b"a": 10}
+    a.stop()
+    assert shares(served, 10) == {b"spare": 10}
+
+
+def test_hostname_upstream(proxy, up):
+    u = up(http(named(b"named")), "named")
+    served = proxy(f"localhost:{u.port}")
+    assert get(served, "/").body == b"named"
+
+
 def test_least_conn_avoids_the_busy_peer(proxy, up):
     def respond(name: bytes) -> Callable[[UpRequest, UpConn], bytes]:
         def r(req: UpRequest, conn: UpConn) -> bytes:
@@ -1027,6 +1080,24 @@ def test_ip_hash_is_stable_per_client(proxy, up):
     # XFF carries the real client address the hash used
     assert {r.get(b"x-forwarded-for") for p in peers for r in p.requests} == \
         {s.encode() for s in seen}
+
+
+def test_ip_hash_adding_a_peer_moves_few_clients(start, up):
+    """Consistent hashing: with a fourth peer, only clients that now belong to it move."""
+    peers = [up(http(named(n)), n.decode()) for n in (b"a", b"b", b"c", b"d")]
+    sources = [f"127.0.0.{i}" for i in range(2, 62)]
+
+    def placement(served: Served) -> dict[str, bytes]:
+        out = {}
+        for source in sources:
+            with Client(served, source=source) as c:
+                out[source] = c.get("/").body
+        return out
+    before = placement(start(routes=[route(*peers[:3], lb_method="ip_hash")]))
+    after = placement(start(routes=[route(*peers, lb_method="ip_hash")]))
+    moved = [s for s in sources if before[s] != after[s]]
+    assert all(after[s] == b"d" for s in moved), {s: (before[s], after[s]) for s in moved}
+    assert 0 < len(moved) <= 0.45 * len(sources), len(moved)
 
 
 def test_failover_when_a_peer_dies(proxy, up):
@@ -1093,6 +1164,56 @@ def test_active_health_check_takes_a_peer_out_and_back(proxy, up):
 
 
 # ---------------------------------------------------------------------------- memory
+
+def test_memory_bounded_for_a_big_upload_to_a_slow_upstream(proxy, up):
+    total = 96 * MiB
+    got = hashlib.blake2b()
+    received = [0]
+
+    def slow_reader(conn: UpConn) -> None:
+        req = conn.read_head()
+        if req is None:
+            return
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        time.sleep(1.0)                         # does not read at all for a while
+        left = int(req.get(b"content-length"))
+        got.update(conn.buf)
+        left -= len(conn.buf)
+        received[0] += len(conn.buf)
+        while left:
+            data = conn.sock.recv(min(left, MiB))
+            if not data:
+                return
+            got.update(data)
+            left -= len(data)
+            received[0] += len(data)
+        conn.send(response(200, b"stored"))
+    served = proxy(up(slow_reader, "slow"), max_body_size=128 * MiB)
+    pid = served.server.pid
+    before = rss_kib(pid)
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss_kib(pid))
+    threading.Thread(target=sample, daemon=True).start()
+    expected = hashlib.blake2b()
+    c = Client(served, timeout=15)
+    try:
+        c.send(b"POST /up HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: %d\r\n\r\n" % total)
+        for piece in generated(total, MiB):
+            expected.update(piece)
+            c.send(piece)
+        resp = c.read()
+    finally:
+        done.set()
+        c.close()
+    assert (resp.status, resp.body) == (200, b"stored")
+    assert received[0] == total and got.digest() == expected.digest()
+    growth = (peak[0] - before) * 1024
+    assert growth < 32 * MiB, f"RSS grew by {growth / MiB:.1f} MiB"
+
 
 def test_memory_bounded_for_a_huge_reply_to_a_slow_client(proxy, up):
     total = 256 * MiB
