@@ -74,7 +74,8 @@ class Result:
     connections: int
     rounds: list[Round]
     best: dict[str, Round]
-    skipped: str | None = None
+    skipped: str | None = None      # nothing measured (a check failed, a proxy died early)
+    incomplete: str | None = None   # some rounds measured, then a proxy failed
 
 
 # --------------------------------------------------------------------------- configs
@@ -264,6 +265,10 @@ def fmt_table(results: list[Result], proxy_has_own_cpu: bool = True) -> str:
     for r in results:
         if r.skipped:
             lines.append(f"skipped {r.scenario}: {r.skipped}")
+        if r.incomplete:
+            done = len(r.rounds)
+            lines.append(f"incomplete {r.scenario}: best of the {done} runs made before "
+                         f"{r.incomplete}")
         for s, best in r.best.items():
             rates = [x.wrk.req_per_sec for x in r.rounds if x.wrk.server == s]
             if len(rates) > 1 and min(rates) < 0.85 * max(rates):
@@ -399,12 +404,13 @@ def main() -> int:
                         time.sleep(0.5)
                     if failed:
                         break
-                if failed:
+                if failed and not all(any(r.wrk.server == s for r in rounds)
+                                      for s in PROXIES):
                     results.append(Result(name, c, rounds, {}, skipped=failed))
                     continue
                 best = {s: max((r for r in rounds if r.wrk.server == s),
                                key=lambda r: r.wrk.req_per_sec) for s in PROXIES}
-                results.append(Result(name, c, rounds, best))
+                results.append(Result(name, c, rounds, best, incomplete=failed))
         finally:
             for servers in proxies.values():
                 for server in servers:
@@ -421,7 +427,7 @@ def main() -> int:
         args.json.write_text(json.dumps(
             {"environment": env, "results": [asdict(r) for r in results]}, indent=2))
         print(f"saved {args.json}")
-    return 1 if any(r.skipped for r in results) else 0
+    return 1 if any(r.skipped or r.incomplete for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ seconds, 10 by default) and attacks it with slowhttptest on 127.0.0.1:
     headers  slowhttptest -H -c 1000 -r 200 -i 10 -l 30   slowloris: a request head that
              never ends, one more header line every 10 s; cut by header_timeout (a total
              deadline from the first byte)
-    body     slowhttptest -B -c 500 -r 200 -i 15 -l 30 -s 65536   slow POST: a complete head
+    body     slowhttptest -B -c 500 -r 200 -i 15 -l 30 -s 65536   slow POST to /upload (a
+             reverse_proxy route to the upstream of upstream_server.py): a complete head
              announcing 64 KiB, then a few bytes every 15 s; cut by body_timeout (idle)
     read     slowhttptest -X -c 500 -r 200 -l 30 -w 512 -y 1024 -n 1 -z 32   slow read: GET
-             of a 1 MiB file through a tiny receive window, 32 bytes read per second; cut by
-             send_timeout (no progress)
+             of a 256 KiB file through a tiny receive window, 32 bytes read per second.
+             The file fits the kernel's socket buffer, so the server is done with it at
+             once; this shows responsiveness and memory, not send_timeout (bench/README.md)
 
 Meanwhile a probe opens a fresh connection every 50 ms for the whole attack, sends
 `GET /probe.html` and reads the whole 1 KiB reply, and records success and latency. The
@@ -48,11 +50,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h  # noqa: E402
+import compare_nginx as cn  # noqa: E402  (/proc/stat CPU sampling)
+import upstream_server  # noqa: E402
 
 PROBE_INTERVAL_S = 0.05
 PROBE_TIMEOUT_S = 5.0
 PROBE_BODY = (b"probe " * 200)[:1024]
-BIG_SIZE = 1024 * 1024
+# The slow readers' file. Linux lets a loopback socket's send buffer grow to ~4 MB, so a
+# server hands a file of this size to the kernel at once; the 500 slow readers then pin
+# ~0.3 GB of kernel socket memory (1 MiB would pin ~1.2 GB, near tcp_mem's pressure mark).
+BIG_SIZE = 256 * 1024
 RSS_SAMPLE_S = 0.25
 # A slow connection counts as late if it is still open this long after its deadline
 # (slowhttptest reports once per second, so less than 2 s cannot be told apart).
@@ -68,14 +75,17 @@ class Mode:
     path: str           # what the slow clients ask for
     cut_by: str         # the server timeout that should close them
     extra: list[str] = field(default_factory=list)
+    # Whether that timeout runs from the connection's first byte, so that "closed by
+    # open + timeout" can be checked from slowhttptest's per-second figures.
+    deadline_from_open: bool = True
 
 
 MODES = {
     "headers": Mode("headers", "-H", 1000, 10, "/", "header_timeout (total, from the "
                     "first byte)"),
-    "body": Mode("body", "-B", 500, 15, "/", "body_timeout (idle)", ["-s", "65536"]),
-    "read": Mode("read", "-X", 500, 10, "/big.bin", "send_timeout (no progress)",
-                 ["-w", "512", "-y", "1024", "-n", "1", "-z", "32"]),
+    "body": Mode("body", "-B", 500, 15, "/upload", "body_timeout (idle)", ["-s", "65536"]),
+    "read": Mode("read", "-X", 500, 10, "/big.bin", "the kernel (see bench/README.md)",
+                 ["-w", "512", "-y", "1024", "-n", "1", "-z", "32"], deadline_from_open=False),
 }
 
 
@@ -97,12 +107,13 @@ class Report:
     slow_errors: int
     slow_exit_status: str
     slow_service_unavailable_s: int
-    late_connections: int      # most slow connections ever open past deadline + slack
+    late_connections: int | None  # most slow connections open past deadline + slack
     last_close_s: int | None   # second of the attack when the last slow connection closed
     rss_before_kib: int
     rss_peak_kib: int
     rss_after_kib: int
     timeline: list[list[int]]  # slowhttptest's CSV: second, closed, pending, connected
+    server_died: str | None = None
 
     @property
     def probe_ok_pct(self) -> float:
@@ -122,21 +133,33 @@ def write_content(root: Path) -> None:
         (root / name).chmod(0o644)
 
 
-def write_expserver_config(path: Path, root: Path, port: int, timeout: float) -> None:
+def write_expserver_config(path: Path, root: Path, port: int, timeout: float,
+                           upstream_port: int | None) -> None:
+    routes: list[dict[str, object]] = [
+        {"req_path": "/", "type": "file_serve", "dir_path": str(root)}]
+    if upstream_port is not None:
+        routes.append({"req_path": "/upload", "type": "reverse_proxy",
+                       "upstreams": [f"127.0.0.1:{upstream_port}"]})
     path.write_text(json.dumps({
         "server_name": "eXpServer", "workers": 1,
         "header_timeout": timeout, "body_timeout": timeout, "send_timeout": timeout,
         "servers": [{"listeners": [{"host": "127.0.0.1", "port": port}],
-                     "routes": [{"req_path": "/", "type": "file_serve",
-                                 "dir_path": str(root)}]}]}, indent=2))
+                     "routes": routes}]}, indent=2))
 
 
-def write_nginx_conf(path: Path, workdir: Path, root: Path, port: int, timeout: float) -> None:
+def write_nginx_conf(path: Path, workdir: Path, root: Path, port: int, timeout: float,
+                     upstream_port: int | None) -> None:
     user = "user root;\n" if os.geteuid() == 0 else ""
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     secs = f"{max(1, round(timeout))}s"
+    upload = "" if upstream_port is None else f"""
+        location = /upload {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
     path.write_text(f"""{user}worker_processes 1;
 pid {workdir / 'nginx.pid'};
 error_log {workdir / 'nginx_error.log'} warn;
@@ -162,7 +185,7 @@ http {{
 
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        root {root};
+        root {root};{upload}
     }}
 }}
 """)
@@ -330,7 +353,10 @@ async def attack(server: h.Server, port: int, mode: Mode, length: int, timeout: 
     probes = await probes_task
     rss_peak = await rss_task
     await asyncio.sleep(1.0)
-    rss_after = h.rss_kib(pid)
+    try:
+        rss_after = h.rss_kib(pid)
+    except (OSError, RuntimeError):  # the server died; the caller reports it
+        rss_after = 0
 
     slow = parse_slowhttptest(stdout.decode(errors="replace"), prefix.with_suffix(".csv"))
     if not slow["timeline"]:
@@ -338,6 +364,8 @@ async def attack(server: h.Server, port: int, mode: Mode, length: int, timeout: 
                            f"{_ANSI.sub('', stdout.decode(errors='replace'))[-2000:]}")
     timeline = slow["timeline"]
     late, last_close = deadline_check(timeline, timeout)
+    if not mode.deadline_from_open:
+        late = None
     opened = max(c + conn for _s, c, _p, conn in timeline)
     closed = int(slow["closed"])
     if "no open connections left" in str(slow["exit_status"]).lower():
@@ -379,7 +407,7 @@ def fmt_table(reports: list[Report]) -> str:
             return "-" if v is None else f"{v:.1f} ms"
         rows.append((
             r.mode, r.server, f"{r.slow_peak_open} of {r.slow_opened}",
-            f"{r.slow_closed}", f"{r.late_connections}",
+            f"{r.slow_closed}", "n/a" if r.late_connections is None else f"{r.late_connections}",
             "-" if r.last_close_s is None else f"{r.last_close_s} s",
             f"{r.probe_ok_pct:.2f}% of {r.probes}", ms(r.probe_p50_ms), ms(r.probe_p99_ms),
             ms(r.probe_max_ms),
@@ -395,7 +423,37 @@ def fmt_table(reports: list[Report]) -> str:
                      f"attack lasted {r.duration_s} s")
         if r.probe_errors:
             lines.append(f"{r.mode}/{r.server}: failed probes: {r.probe_errors}")
+        if r.server_died:
+            lines.append(f"{r.mode}/{r.server}: {r.server_died}")
     return "\n".join(lines)
+
+
+def run_one(name: str, mode: Mode, args: argparse.Namespace, work: Path, root: Path,
+            length: int, timeout: float, upstream_port: int | None,
+            server_cpus: set[int] | None, attacker_cpus: set[int] | None) -> Report:
+    """Start one server on a fresh port, attack it, stop it."""
+    port = h.free_port()
+    servers: list[h.Server] = []
+    try:
+        if name == "expserver":
+            config = work / "expserver.json"
+            write_expserver_config(config, root, port, timeout, upstream_port)
+            servers = h.start_expserver(args.expserver_cmd, config=config, root=root,
+                                        workdir=work, cpus=server_cpus, ports=[port])
+        else:
+            conf = work / "nginx.conf"
+            write_nginx_conf(conf, work, root, port, timeout, upstream_port)
+            servers = [h.start_nginx(conf, work, cpus=server_cpus)]
+            servers[0].wait_ready([port])
+        report = asyncio.run(attack(servers[0], port, mode, length, timeout, work,
+                                    attacker_cpus))
+        if servers[0].proc.poll() is not None:
+            report.server_died = (f"{name} exited ({servers[0].proc.returncode}) during the "
+                                  f"attack:\n{servers[0].log_tail()}")
+        return report
+    finally:
+        for server in servers:
+            server.stop()
 
 
 # --------------------------------------------------------------------------- main
@@ -423,8 +481,9 @@ def main() -> int:
         modes = [Mode(**{**asdict(m), "interval": min(m.interval, int(timeout) + 3)})
                  for m in modes]
 
+    needs_nginx = args.with_nginx or any(m.name == "body" for m in modes)
     h.ensure_debian_packages({"slowhttptest": "slowhttptest",
-                              **({"nginx": "nginx-light"} if args.with_nginx else {})})
+                              **({"nginx": "nginx-light"} if needs_nginx else {})})
     h.install_signal_exit()
     h.raise_nofile_limit()
     server_cpus, attacker_cpus = h.split_cpus() if args.pin else (None, None)
@@ -435,40 +494,36 @@ def main() -> int:
     env = {"slowhttptest": version.group(1) if version else "?",
            "cpus": os.cpu_count(), "server_cpus": sorted(server_cpus or []),
            "attacker_cpus": sorted(attacker_cpus or []), "length_s": length,
-           "timeout_s": timeout, "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
+           "timeout_s": timeout, "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+           "cpu_busy_at_start": round(cn.cpu_busy(), 3)}
     if args.with_nginx:
         env["nginx"] = h.tool_version([h.nginx_binary(), "-v"])
     print(f"environment: {json.dumps(env)}", file=sys.stderr)
+    if env["cpu_busy_at_start"] > 0.1:
+        print(f"warning: the machine is not idle ({env['cpu_busy_at_start']:.0%} of CPU busy "
+              "before the run); latencies will be noisy", file=sys.stderr)
 
     reports: list[Report] = []
+    upstream: h.Server | None = None
     with tempfile.TemporaryDirectory(prefix="expserver-slowloris-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
         root = work / "www"
         write_content(root)
-        for mode in modes:
-            for name in ["expserver", *(["nginx"] if args.with_nginx else [])]:
-                port = h.free_port()
-                servers: list[h.Server] = []
-                print(f"{mode.name} vs {name}: {mode.connections} connections, cut by "
-                      f"{mode.cut_by} = {timeout:g} s", file=sys.stderr)
-                try:
-                    if name == "expserver":
-                        config = work / "expserver.json"
-                        write_expserver_config(config, root, port, timeout)
-                        servers = h.start_expserver(args.expserver_cmd, config=config,
-                                                    root=root, workdir=work, cpus=server_cpus,
-                                                    ports=[port])
-                    else:
-                        conf = work / "nginx.conf"
-                        write_nginx_conf(conf, work, root, port, timeout)
-                        servers = [h.start_nginx(conf, work, cpus=server_cpus)]
-                        servers[0].wait_ready([port])
-                    report = asyncio.run(attack(servers[0], port, mode, length, timeout,
-                                                work, attacker_cpus))
-                    if servers[0].proc.poll() is not None:
-                        print(f"  {name} exited ({servers[0].proc.returncode}) during the "
-                              f"attack:\n{servers[0].log_tail()}", file=sys.stderr)
+        upstream_port = None
+        if any(m.name == "body" for m in modes):
+            # The slow POSTs go to a reverse_proxy route: a static route answers a POST
+            # with 405 at once, and slowhttptest's `Connection: close` lets the server
+            # close right after, so there would be no slow body to read.
+            upstream_port = h.free_port()
+            upstream, _ = upstream_server.start(work, upstream_port, cpus=attacker_cpus)
+        try:
+            for mode in modes:
+                for name in ["expserver", *(["nginx"] if args.with_nginx else [])]:
+                    print(f"{mode.name} vs {name}: {mode.connections} connections, cut by "
+                          f"{mode.cut_by} = {timeout:g} s", file=sys.stderr)
+                    report = run_one(name, mode, args, work, root, length, timeout,
+                                     upstream_port, server_cpus, attacker_cpus)
                     reports.append(report)
                     print(f"  probe {report.probe_ok_pct:.2f}% ok of {report.probes}, p99 "
                           f"{report.probe_p99_ms} ms, max {report.probe_max_ms} ms; slow "
@@ -476,10 +531,10 @@ def main() -> int:
                           f"{report.slow_closed} closed; RSS {report.rss_before_kib} -> "
                           f"{report.rss_peak_kib} -> {report.rss_after_kib} KiB",
                           file=sys.stderr)
-                finally:
-                    for server in servers:
-                        server.stop()
-                time.sleep(1.0)
+                    time.sleep(1.0)
+        finally:
+            if upstream is not None:
+                upstream.stop()
 
     print()
     print(f"slowhttptest against one worker on 127.0.0.1, server timeouts {timeout:g} s, "

@@ -59,6 +59,11 @@ def write_conf(path: Path, workdir: Path, port: int, size: int = DEFAULT_SIZE,
     With status_port, a second server on that port answers nginx's stub_status (its
     counters of accepted connections and served requests, read by `counters()`), kept off
     the measured port so that it cannot change what the proxies see.
+
+    `/upload` answers the same, but only once it has read the whole request body: nginx's
+    `return` answers at once and discards a body, so that location proxies to the
+    upstream's own `/`, which makes nginx read the body first (proxy_request_buffering).
+    slowloris.py's slow-POST mode needs an upstream that waits for the body like that.
     """
     data = body(size)
     status = ""
@@ -94,6 +99,9 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
             return 200 "{data.decode()}";
+        }}
+        location = /upload {{
+            proxy_pass http://127.0.0.1:{port}/;
         }}
     }}{status}
 }}

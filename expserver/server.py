@@ -7,6 +7,7 @@ signal; the loop (or the master's wait loop) acts on it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from . import config
 from ._conn import Core, Listener, Settings
 from ._loop import Loop
 from .app import App
+from .metrics import Board, WorkerMetrics
 
 BACKLOG = 4096
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -87,14 +89,18 @@ def settings_of(cfg: config.Config, servers: list[config.ServerConfig]) -> Setti
                     max_connections=cfg.max_connections)
 
 
-def run_worker(cfg: config.Config, socks: dict[Address, socket.socket]) -> int:
+def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: Board,
+               slot: int = 0) -> int:
     loop = Loop()
     core = Core(loop)
+    worker = WorkerMetrics(core.stats, board, slot)
+    worker.start(loop)
     listeners = []
     for (host, port), sock in socks.items():
         servers = [s for s in cfg.servers
                    if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
-        listener = Listener(core, sock, App(servers, loop), settings_of(cfg, servers))
+        listener = Listener(core, sock, App(servers, loop, worker, cfg.server_name),
+                            settings_of(cfg, servers))
         listener.start()
         listeners.append(listener)
 
@@ -127,29 +133,47 @@ def serve(cfg: config.Config) -> int:
     for host, port in socks:
         shown = f"[{host}]" if ":" in host else host
         print(f"expserver: listening on http://{shown}:{port}/", file=sys.stderr, flush=True)
+    board = Board(cfg.workers)
     if cfg.workers <= 1:
-        return run_worker(cfg, socks)
-    return Master(cfg, socks).run()
+        return run_worker(cfg, socks, board)
+    return Master(cfg, socks, board).run()
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a master killed without a chance to stop it (SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the master died before prctl took effect
+        os._exit(0)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class Master:
-    def __init__(self, cfg: config.Config, socks: dict[Address, socket.socket]) -> None:
+    def __init__(self, cfg: config.Config, socks: dict[Address, socket.socket],
+                 board: Board) -> None:
         self.cfg = cfg
         self.socks = socks
-        self.children: set[int] = set()
+        self.board = board
+        self.children: dict[int, int] = {}      # pid -> metrics slot
+        self.master_pid = os.getpid()
         self.stopping: int | None = None
 
-    def spawn(self) -> None:
+    def spawn(self, slot: int) -> None:
         pid = os.fork()
         if pid == 0:
+            _die_with_parent(self.master_pid)
             _early.clear()
             _record_early_signals()
             code = 1
             try:
-                code = run_worker(self.cfg, self.socks)
+                code = run_worker(self.cfg, self.socks, self.board, slot)
             finally:
                 os._exit(code)
-        self.children.add(pid)
+        self.children[pid] = slot
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = signum
@@ -167,8 +191,8 @@ class Master:
         if _early:
             self.on_signal(_early[-1], None)
             return 0
-        for _ in range(self.cfg.workers):
-            self.spawn()
+        for slot in range(self.cfg.workers):
+            self.spawn(slot)
         print(f"expserver: master {os.getpid()} running {self.cfg.workers} workers",
               file=sys.stderr, flush=True)
         while self.children:
@@ -176,9 +200,9 @@ class Master:
                 pid, status = os.wait()
             except ChildProcessError:
                 break
-            self.children.discard(pid)
-            if self.stopping is None:
+            slot = self.children.pop(pid, None)
+            if self.stopping is None and slot is not None:
                 print(f"expserver: worker {pid} died ({status:#x}); starting another",
                       file=sys.stderr, flush=True)
-                self.spawn()
+                self.spawn(slot)
         return 0

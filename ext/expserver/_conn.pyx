@@ -347,6 +347,7 @@ cdef class Connection(Handle):
         cdef Request req
         cdef list chunks
         cdef bint done
+        cdef Deferred task
         while self.rend > self.rstart and self.phase < P_LINGER:
             if self.phase == P_HEAD:
                 if self.close_after or self.out.full():
@@ -366,7 +367,8 @@ cdef class Connection(Handle):
                 self.head_deadline = self.loop.now + self.settings.header_timeout
                 self.dispatch(req)
             elif self.task is not None:
-                if self.task.body_full():
+                task = self.task        # a strong reference: the call may end the task
+                if task.body_full():
                     break               # the upstream is slower than the client: wait
                 chunks = []
                 used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
@@ -378,7 +380,7 @@ cdef class Connection(Handle):
                 done = self.parser.body_done()
                 if done:
                     self.phase = P_HEAD
-                self.task.on_body(chunks, done)
+                task.on_body(chunks, done)
             else:
                 used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
                                              None)
@@ -408,6 +410,7 @@ cdef class Connection(Handle):
     # ---------------------------------------------------------------- requests
     cdef int dispatch(self, Request req) except -1:
         cdef bint has_body = req.chunked or req.content_length > 0
+        cdef Deferred task
         self.core.stats.req_total += 1
         self.started = self.loop.now
         self.body_timeout = self.settings.body_timeout
@@ -434,9 +437,10 @@ cdef class Connection(Handle):
                 self.out.push(CONTINUE_100)
                 self.parser.start_body(req)
                 self.phase = P_BODY
-            self.task = <Deferred?>body
+            task = <Deferred?>body
+            self.task = task
             self.out.hold()
-            self.task.start(self, req)
+            task.start(self, req)
             return 0
         if has_body and req.expect_continue:
             # the handler does not read bodies: answer now, and since we cannot know
@@ -528,10 +532,15 @@ cdef class Connection(Handle):
         self.flush()
         return 0
 
+    def resume(self):
+        if self.phase < P_LINGER:
+            self.process()
+
     cdef int task_done(self, bint reusable) except -1:
         """The deferred answer is complete (``reusable``: the connection may go on)."""
         self.task = None
         self.out.release()
+        self.head_deadline = self.loop.now + self.settings.header_timeout
         if not reusable:
             self.close_after = True
         if self.phase != P_CLOSED:
@@ -548,6 +557,7 @@ cdef class Connection(Handle):
 
     # ---------------------------------------------------------------- writing
     cdef int flush(self) except -1:
+        cdef Deferred task
         cdef bint was_full = self.out.full()
         cdef long long before = self.out.sent
         cdef int r = self.out.flush(self.fd)
@@ -559,14 +569,17 @@ cdef class Connection(Handle):
         self.blocked = r == FLUSH_AGAIN
         if self.task is not None:
             if self.out.has_room():
-                self.task.on_drain()    # the exchange may read its upstream again
+                task = self.task
+                task.on_drain()         # the exchange may read its upstream again
         elif not self.blocked:
             if self.close_after:
                 self.start_linger()
                 return 0
             if was_full and self.rend > self.rstart:
-                self.process()          # pipelined requests waited for room
-                return 0
+                # pipelined requests waited for room: parse them on the next loop turn
+                # (no process/flush recursion), the head deadline starting again
+                self.head_deadline = self.loop.now + self.settings.header_timeout
+                self.loop.call_soon(self.resume)
             if self.read_eof:
                 self.close()
                 return 0

@@ -244,6 +244,12 @@ cdef class ProxyRoute:
             pool.remove(up)
 
 
+cdef inline Exchange _ex(Upstream up):
+    """The upstream's exchange as a new reference: a call into it may release the upstream,
+    which drops ``up.ex``, and a cdef method holds no reference to its own ``self``."""
+    return up.ex
+
+
 cdef class Upstream(Handle):
     cdef ProxyRoute route
     cdef object peer
@@ -270,12 +276,16 @@ cdef class Upstream(Handle):
             self.loop.call_soon(self.connect_failed)
             return 0
         family, sockaddr = addr
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        self.fd = self.sock.fileno()
         self.state = U_CONNECTING
-        err = self.sock.connect_ex(sockaddr)
-        self.watch(EPOLLOUT)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            self.fd = self.sock.fileno()
+            err = self.sock.connect_ex(sockaddr)
+            self.watch(EPOLLOUT)
+        except OSError:             # out of descriptors, or an address the kernel refuses
+            self.loop.call_soon(self.connect_failed)
+            return 0
         if err not in (0, 115):    # 115: EINPROGRESS; anything else failed at once
             self.loop.call_soon(self.connect_failed)
             return 0
@@ -284,7 +294,7 @@ cdef class Upstream(Handle):
 
     def connect_failed(self):
         if self.ex is not None and self.state == U_CONNECTING:
-            self.ex.upstream_failed(self, False, 502)
+            _ex(self).upstream_failed(self, False, 502)
 
     cdef int on_events(self, uint32_t events) except -1:
         cdef int err
@@ -295,7 +305,7 @@ cdef class Upstream(Handle):
         if self.state == U_CONNECTING:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err or events & (EPOLLERR | EPOLLHUP):
-                self.ex.upstream_failed(self, False, 502)
+                _ex(self).upstream_failed(self, False, 502)
                 return 0
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.state = U_ACTIVE
@@ -305,9 +315,12 @@ cdef class Upstream(Handle):
             return 0
         if events & EPOLLOUT:
             self.flush()
-        if self.state == U_ACTIVE and events & (EPOLLIN | EPOLLERR | EPOLLHUP) \
-                and not self.paused:
+        if self.state != U_ACTIVE:
+            return 0
+        if not self.paused and events & (EPOLLIN | EPOLLERR | EPOLLHUP):
             self.read()
+        elif self.paused and events & (EPOLLERR | EPOLLHUP):
+            _ex(self).on_upstream_error(self)     # reset while we were not reading
         return 0
 
     cdef int on_timeout(self) except -1:
@@ -315,7 +328,7 @@ cdef class Upstream(Handle):
             self.route.forget(self)
             self.close()
         elif self.ex is not None:
-            self.ex.upstream_failed(self, self.state != U_CONNECTING, 504)
+            _ex(self).upstream_failed(self, self.state != U_CONNECTING, 504)
         else:
             self.close()
         return 0
@@ -329,7 +342,7 @@ cdef class Upstream(Handle):
             ex.upstream_failed(self, self.out.sent > 0 or self.reused, 502)
             return 0
         if r == FLUSH_AGAIN:
-            self.watch(EPOLLIN | EPOLLOUT)
+            self.watch((0 if self.paused else EPOLLIN) | EPOLLOUT)
             if self.out.sent != before or self.head is None:
                 self.set_deadline(self.loop.now + self.route.send_timeout)
         else:
@@ -351,7 +364,7 @@ cdef class Upstream(Handle):
             self.rstart = self.rend = 0
         if self.rend == RBUF_SIZE:
             if self.rstart == 0:
-                self.ex.upstream_failed(self, True, 502)    # a head larger than the buffer
+                _ex(self).upstream_failed(self, True, 502)    # a head larger than the buffer
                 return 0
             memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
             self.rend -= self.rstart
@@ -360,11 +373,11 @@ cdef class Upstream(Handle):
         if n > 0:
             self.rend += n
             self.set_deadline(self.loop.now + self.route.read_timeout)
-            self.ex.on_upstream_data(self)
+            _ex(self).on_upstream_data(self)
         elif n == 0:
-            self.ex.on_upstream_eof(self)
+            _ex(self).on_upstream_eof(self)
         elif errno != EAGAIN and errno != EINTR:
-            self.ex.on_upstream_eof(self)
+            _ex(self).on_upstream_error(self)
         return 0
 
     cdef void pause(self):
@@ -378,7 +391,7 @@ cdef class Upstream(Handle):
             self.watch(EPOLLIN | (0 if self.out.empty() else EPOLLOUT))
             self.set_deadline(self.loop.now + self.route.read_timeout)
             if self.rend > self.rstart:
-                self.ex.on_upstream_data(self)
+                _ex(self).on_upstream_data(self)
 
     cdef void close(self):
         if self.state == U_CLOSED:
@@ -477,7 +490,7 @@ cdef class Exchange(Deferred):
         self.finished = True
         self.conn = None
         if self.up is not None:
-            self.release(self.up, False, True)
+            self.release(self.up, False, False)     # the client left: not the peer's fault
         return 0
 
     # ----------------------------------------------------------- request side
@@ -529,7 +542,9 @@ cdef class Exchange(Deferred):
         if mode is None and self._host is not None:
             return b"Host: " + self._host + CRLF
         if mode is None or mode == b"":
-            return b"Host: %s:%d\r\n" % (peer.host.encode("idna"), peer.port)
+            address = peer.address          # "host:port", IPv6 in brackets
+            return b"Host: " + (address.encode("ascii") if address.isascii()
+                                else address.encode("idna")) + CRLF
         return b"Host: " + mode + CRLF
 
     cdef int next_peer(self) except -1:
@@ -631,6 +646,8 @@ cdef class Exchange(Deferred):
                 return self.cut(up)      # invalid framing mid-body: never a fake end
             up.rstart += used
             self.relay(chunks)
+            if self.finished:
+                return 0                # relaying found the client gone
             if up.parser.body_done():
                 return self.complete(up)
             if used == 0:
@@ -719,8 +736,18 @@ cdef class Exchange(Deferred):
         # reset, empty reply, or a head cut short: the request was sent
         return self.upstream_failed(up, True, 502)
 
+    cdef int on_upstream_error(self, Upstream up) except -1:
+        """A reset or a socket error: never the end of a body, whatever its framing."""
+        if self.finished:
+            return 0
+        if self.head_sent:
+            return self.cut(up)
+        return self.upstream_failed(up, True, 502)
+
     cdef int complete(self, Upstream up) except -1:
         """The whole response is in the client's pipe."""
+        if self.finished or self.conn is None:
+            return 0
         cdef bint reusable = not up.head.close and up.rend == up.rstart and up.out.empty() \
             and not (up.head.length < 0 and not up.head.chunked and not self.no_body)
         if self.chunked_down:

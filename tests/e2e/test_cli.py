@@ -494,6 +494,8 @@ def test_expserver_sample_config_runs_unchanged(procs, tmp_path):
     status, headers, _ = get(third, "/anything")
     assert status == 302 and headers["location"].startswith("https://expserver.github.io")
     assert get(fourth, "/")[0] == 404
-    assert get(fourth, "/api")[0] == 404
+    status, headers, body = get(fourth, "/api")           # eXpServer's dashboard endpoint
+    assert (status, headers["access-control-allow-origin"]) == (200, "*")
+    assert json.loads(body)["workers"] == 4
     assert p.stop() == 0
     assert b"Traceback" not in p.stderr

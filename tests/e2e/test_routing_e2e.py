@@ -320,8 +320,12 @@ def test_acl_denies_on_keep_alive_and_keeps_connection(start, tmp_path):
 
 @pytest.mark.parametrize("server", [{"routes": []}, {}], ids=["empty-routes", "no-routes-key"])
 def test_server_without_routes_is_404(start, server):
+    """Everything is 404 but /api, where eXpServer's dashboard reads the metrics."""
     served = start(servers=[server])
-    for path in ("/", "/index.html", "/api", "/a/b/c?d=e"):
+    for method in ("GET", "HEAD"):
+        status, headers, _ = get(served, "/api", method=method)
+        assert (status, headers["content-type"]) == (200, "application/json")
+    for path in ("/", "/index.html", "/api2", "/a/b/c?d=e"):
         for method in ("GET", "HEAD"):
             status, headers, _ = get(served, path, method=method)
             assert status == 404, (path, method)
