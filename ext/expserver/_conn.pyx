@@ -305,6 +305,11 @@ cdef class Connection(Handle):
             self.rcap = RBUF_MIN
             self.rstart = self.rend = 0
         elif self.rend == self.rcap:
+            if self.rstart == 0 and (self.task is not None or self.out.full()) \
+                    and self.phase == P_HEAD:
+                # a full buffer we cannot parse yet: stop reading until the answer is out
+                self.watch(EPOLLRDHUP | (EPOLLOUT if self.blocked else 0))
+                return 0
             self.make_room()
         n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
         if n > 0:
@@ -610,7 +615,10 @@ cdef class Connection(Handle):
         elif self.phase == P_BODY:
             ev = EPOLLRDHUP if self.task is not None and self.task.body_full() else EPOLLIN
         elif self.task is not None:
-            ev = EPOLLRDHUP             # only to notice the client leaving
+            # reading on while the answer is pending notices a client that leaves; a full
+            # buffer stops it (see read)
+            ev = EPOLLRDHUP if self.rbuf != NULL and self.rend - self.rstart == self.rcap \
+                else EPOLLIN
         elif self.close_after or self.out.full():
             ev = 0
         else:

@@ -43,6 +43,7 @@ from expserver._conn cimport Connection, Deferred
 
 DEF RBUF_SIZE = 65536
 DEF MAX_STATUS_LINE = 8192
+DEF MAX_POOL = 1024             # idle connections per peer, whatever the peak
 
 cdef enum UState:
     U_CONNECTING = 0
@@ -184,6 +185,7 @@ cdef class ProxyRoute:
     cdef public long long max_body    # the route's max_body_size (0: no limit)
     cdef public double body_timeout   # the route's client body timeout
     cdef dict pools                    # peer -> [idle Upstream]
+    cdef dict peaks                    # peer -> most requests it had in flight at once
     cdef dict addrs                    # peer -> (family, sockaddr)
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
@@ -193,6 +195,7 @@ cdef class ProxyRoute:
         self.balancer = balancer
         self.addrs = addrs          # shared with the health probe and the resolver
         self.pools = {}
+        self.peaks = {}
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.send_timeout = send_timeout
@@ -226,14 +229,23 @@ cdef class ProxyRoute:
         return None
 
     cdef void give_back(self, Upstream up):
+        # The pool holds at least ``keepalive`` idle connections, and as many as the peer's
+        # peak concurrency (up to MAX_POOL): a fixed pool smaller than the load (nginx's
+        # keepalive N) would make most requests connect anew. Idle ones expire.
         cdef list pool = self.pools.get(up.peer)
+        cdef Py_ssize_t cap = 0
+        if self.keepalive > 0:
+            cap = max(self.keepalive, min(<Py_ssize_t>self.peaks.get(up.peer, 0), MAX_POOL))
         if pool is None:
             pool = self.pools[up.peer] = []
-        if len(pool) >= self.keepalive:
+        if len(pool) >= cap:
             up.close()
             return
         up.state = U_IDLE
         up.ex = None
+        if up.rbuf != NULL:
+            free(up.rbuf)               # an idle connection holds no buffer
+            up.rbuf = NULL
         pool.append(up)
         up.watch(EPOLLIN)             # an idle upstream that closes or talks is dropped
         up.set_deadline((<Loop>self.loop).now + self.idle_timeout)
@@ -584,6 +596,8 @@ cdef class Exchange(Deferred):
             up.head = None
             up.body_started = False
         peer.active += 1
+        if peer.active > route.peaks.get(peer, 0):
+            route.peaks[peer] = peer.active
         self.up = up
         up.out.push(self.head_bytes + self.host_line(peer) + CRLF)
         if self.replay:
@@ -652,8 +666,11 @@ cdef class Exchange(Deferred):
                 return self.complete(up)
             if used == 0:
                 break
-        if not self.finished and up.parser.body_done():
-            return self.complete(up)
+        if not self.finished:
+            if up.parser.body_done():
+                return self.complete(up)
+            if self.conn is not None:
+                self.conn.flush()       # a head without its body yet
         return 0
 
     cdef int start_tunnel(self, Upstream up) except -1:
@@ -712,7 +729,7 @@ cdef class Exchange(Deferred):
         self.conn.count(h.status)
         self.head_sent = True
         up.peer.succeeded()
-        self.conn.flush()
+        # not flushed here: the body that came with the head goes out in the same send
         return 0
 
     cdef void relay(self, list chunks):

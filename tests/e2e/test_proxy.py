@@ -642,22 +642,31 @@ def test_early_upstream_answer_during_upload(proxy, up):
     assert (resp.status, resp.body) == (413, b"too big for me")
 
 
-def test_idle_upstream_pool_is_bounded(proxy, up):
-    """upstream_keepalive: at most that many idle connections per peer are kept."""
+def test_idle_upstream_pool_follows_the_peak(proxy, up):
+    """The pool keeps as many idle connections as requests were in flight at once (at least
+    upstream_keepalive): a second burst of the same size connects nothing new."""
     def slow(req: UpRequest, conn: UpConn) -> bytes:
         time.sleep(0.3)
         return response(200, b"ok")
     u = up(http(slow), "slow")
     served = proxy(u, upstream_keepalive=2)
-    threads = [threading.Thread(target=get, args=(served, f"/{i}")) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(5)
+    for _burst in range(2):
+        threads = [threading.Thread(target=get, args=(served, f"/{i}")) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
     assert u.accepted == 5
+    assert u.closed_conns == []
+
+
+def test_upstream_keepalive_zero_closes_each_connection(proxy, up):
+    u = up(http(named(b"x")), "no-pool")
+    served = proxy(u, upstream_keepalive=0)
+    for i in range(3):
+        assert get(served, f"/{i}").status == 200
+    assert u.accepted == 3
     assert wait_for(lambda: len(u.closed_conns) == 3, 2.0), u.closed_conns
-    time.sleep(0.2)
-    assert len(u.closed_conns) == 3             # two stay open for reuse
 
 
 def test_upstream_read_timeout_is_504(proxy, up):
