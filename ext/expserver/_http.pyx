@@ -89,6 +89,14 @@ cdef inline Py_ssize_t _skip_plain(const unsigned char *buf, Py_ssize_t i, Py_ss
         i += 8
     return i
 
+cdef inline Py_ssize_t _scan(const unsigned char *buf, Py_ssize_t i, Py_ssize_t lim,
+                             uint64_t low, const unsigned char *table) noexcept nogil:
+    """Advance over bytes of ``table``'s class: whole plain words first, then byte by byte."""
+    i = _skip_plain(buf, i, lim, low)
+    while i < lim and table[buf[i]]:
+        i += 1
+    return i
+
 # ---------------------------------------------------------------- head states
 cdef enum:
     S_START = 0      # before the request line (empty lines are skipped, RFC 9112 2.2)
@@ -337,17 +345,10 @@ cdef class Parser:
             c = buf[i]
             if state == S_VALUE:
                 # the hot state: most head bytes are field values
-                i = _skip_plain(buf, i, lim, 0x20)
+                i = _scan(buf, i, lim, 0x20, VALUE)
                 if i == lim:
                     break
                 c = buf[i]
-                while VALUE[c]:
-                    i += 1
-                    if i == lim:
-                        break
-                    c = buf[i]
-                if i == lim:
-                    break
                 if c == 13:
                     state = S_FIELD_LF
                     stop = _budget(self, state)
@@ -406,17 +407,10 @@ cdef class Parser:
                 rc = DONE
                 break
             elif state == S_TARGET:
-                i = _skip_plain(buf, i, lim, 0x21)
+                i = _scan(buf, i, lim, 0x21, TARGET)
                 if i == lim:
                     break
                 c = buf[i]
-                while TARGET[c]:
-                    i += 1
-                    if i == lim:
-                        break
-                    c = buf[i]
-                if i == lim:
-                    break
                 if c == 32:
                     self.target_end = i
                     self.version_start = i + 1
