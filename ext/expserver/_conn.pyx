@@ -39,14 +39,13 @@ import sys
 import time
 import traceback
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle
-from expserver._pipe cimport Pipe, FLUSH_DONE, FLUSH_AGAIN, FLUSH_ERROR
-from expserver._http cimport Parser, Request, AGAIN, DONE
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._http cimport Parser, Request, AGAIN
 
 from expserver.pages import page as error_page
 from expserver.response import FileRange
@@ -179,10 +178,10 @@ cdef class Listener(Handle):
     cdef int on_events(self, uint32_t events) except -1:
         cdef sockaddr_storage sa
         cdef socklen_t salen
-        cdef int cfd, i, one = 1
+        cdef int cfd, one = 1
         cdef Connection c
         cdef Stats stats = self.core.stats
-        for i in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             if stats.conn_current >= self.settings.max_connections:
                 self._pause(0.1)
                 return 0

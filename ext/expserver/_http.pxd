@@ -6,6 +6,16 @@ cdef enum ParseResult:
     # negative values are -status: the error response to send, then close
 
 
+cdef struct FieldLine:
+    Py_ssize_t colon          # index of the ':'
+    Py_ssize_t value_start    # the value without its surrounding whitespace
+    Py_ssize_t value_end
+    Py_ssize_t end            # index of the line's CR
+
+cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t limit) noexcept nogil
+cdef bytes lower_bytes(const unsigned char *p, Py_ssize_t n)
+
+
 cdef class Request:
     cdef public bytes method
     cdef public bytes target

@@ -179,7 +179,21 @@ cdef inline bytes _method_bytes(const unsigned char *p, Py_ssize_t n):
     return PyBytes_FromStringAndSize(<const char *>p, n)
 
 
-cdef inline bytes _lower_bytes(const unsigned char *p, Py_ssize_t n):
+cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t limit) noexcept nogil:
+    """The spans of a validated field line (``name:OWS value OWS CRLF``) at p[start:]."""
+    cdef FieldLine f
+    f.end = <const unsigned char *>memchr(p + start, 13, limit - start) - p
+    f.colon = <const unsigned char *>memchr(p + start, 58, f.end - start) - p
+    f.value_start = f.colon + 1
+    while f.value_start < f.end and (p[f.value_start] == 32 or p[f.value_start] == 9):
+        f.value_start += 1
+    f.value_end = f.end
+    while f.value_end > f.value_start and (p[f.value_end - 1] == 32 or p[f.value_end - 1] == 9):
+        f.value_end -= 1
+    return f
+
+
+cdef bytes lower_bytes(const unsigned char *p, Py_ssize_t n):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
     cdef unsigned char *q = <unsigned char *>PyBytes_AS_STRING(out)
     cdef Py_ssize_t i
@@ -218,7 +232,7 @@ cdef inline bytes _field_name(const unsigned char *p, Py_ssize_t n):
         for known in <list>NAMES_BY_LEN[n]:
             if _ieq(p, n, <const char *>known, n):
                 return known
-    return _lower_bytes(p, n)
+    return lower_bytes(p, n)
 
 
 cdef bint _has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept:
@@ -497,6 +511,7 @@ cdef class Parser:
         cdef int nhost = 0
         cdef bytes name, value
         cdef list headers = []
+        cdef FieldLine line
         cdef Py_ssize_t ts = self.target_start, te_ = self.target_end
 
         req.method = _method_bytes(p + self.head_start, ts - 1 - self.head_start)
@@ -550,15 +565,8 @@ cdef class Parser:
         hit = <const unsigned char *>memchr(p + te_, 10, self.pos - te_)
         ls = (hit - p) + 1
         while p[ls] != 13:
-            hit = <const unsigned char *>memchr(p + ls, 13, self.pos - ls)
-            end = hit - p
-            colon = (<const unsigned char *>memchr(p + ls, 58, end - ls)) - p
-            vs = colon + 1
-            while vs < end and (p[vs] == 32 or p[vs] == 9):
-                vs += 1
-            ve = end
-            while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
-                ve -= 1
+            line = field_line(p, ls, self.pos)
+            end, colon, vs, ve = line.end, line.colon, line.value_start, line.value_end
             name = _field_name(p + ls, colon - ls)
             value = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
             headers.append((name, value))
@@ -639,7 +647,7 @@ cdef class Parser:
         if end < 0:
             self._fail(400, "invalid Host")
             return False
-        req.host = _lower_bytes(p, end)
+        req.host = lower_bytes(p, end)
         return True
 
     # ------------------------------------------------------------ body framing

@@ -17,7 +17,6 @@ passes MSG_MORE when a file follows, so a response head and a small file share a
 Ownership: file descriptors in FileSegments belong to the pipe and are closed when sent or
 when the pipe is cleared.
 """
-import os
 from expserver._sys cimport *
 
 DEF MAX_IOV = 64

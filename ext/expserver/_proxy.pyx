@@ -27,9 +27,7 @@ sent to the client, a failure can only cut the client connection: never a fake e
 
 Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
 """
-import os
 import socket
-import traceback
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, free
@@ -37,8 +35,8 @@ from libc.string cimport memchr, memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle
-from expserver._pipe cimport Pipe, FLUSH_DONE, FLUSH_AGAIN, FLUSH_ERROR
-from expserver._http cimport Parser, Request, AGAIN, DONE
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._http cimport Parser, Request, AGAIN, FieldLine, field_line, lower_bytes
 from expserver._conn cimport Connection, Deferred
 
 DEF RBUF_SIZE = 65536
@@ -63,21 +61,6 @@ cdef frozenset HOP_BY_HOP = frozenset([
 cdef frozenset REWRITTEN = HOP_BY_HOP | frozenset([
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
-
-cdef unsigned char LOWER[256]
-cdef int _c
-for _c in range(256):
-    LOWER[_c] = _c + 32 if 65 <= _c <= 90 else _c
-
-
-cdef inline bytes _lower(const unsigned char *p, Py_ssize_t n):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-    cdef unsigned char *q = <unsigned char *>(<char *>out)
-    cdef Py_ssize_t i
-    for i in range(n):
-        q[i] = LOWER[p[i]]
-    return out
-
 
 cdef set _tokens(bytes value):
     """Lower-case tokens of a comma-separated field value."""
@@ -122,7 +105,7 @@ cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end
                         ResponseHead head) except -2:
     """Field lines p[start:end] (validated by Parser.scan_head) into ``head``; -1: bad framing."""
     cdef Py_ssize_t ls = start, le, colon, vs, ve, i
-    cdef const unsigned char *hit
+    cdef FieldLine f
     cdef bytes name, value
     cdef list lines = []
     cdef set drop = set()
@@ -130,16 +113,9 @@ cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end
     cdef int te = 0
     cdef bint close = False, keep = False
     while ls < end and p[ls] != 13:
-        hit = <const unsigned char *>memchr(p + ls, 13, end - ls)
-        le = hit - p
-        colon = (<const unsigned char *>memchr(p + ls, 58, le - ls)) - p
-        vs = colon + 1
-        while vs < le and (p[vs] == 32 or p[vs] == 9):
-            vs += 1
-        ve = le
-        while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
-            ve -= 1
-        name = _lower(p + ls, colon - ls)
+        f = field_line(p, ls, end)
+        le, colon, vs, ve = f.end, f.colon, f.value_start, f.value_end
+        name = lower_bytes(p + ls, colon - ls)
         value = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
         if name == b"content-length":
             if cl >= 0 or ve == vs or ve - vs > 18:
@@ -560,7 +536,6 @@ cdef class Exchange(Deferred):
         return b"Host: " + mode + CRLF
 
     cdef int next_peer(self) except -1:
-        cdef Upstream up
         cdef ProxyRoute route = self.route
         cdef Loop loop = <Loop>route.loop
         if self.attempts > route.retries:
