@@ -176,6 +176,9 @@ class Balancer:
             "random_two": lambda group, peers, ip: _random_two(peers, self._rng),
         }
         self._choose = choose[lb_method]
+        # nginx's "single" fast path: one peer is never taken out (above), so only its
+        # health check and the request's own failures decide.
+        self._single = self.peers[0] if len(self.peers) == 1 else None
 
     @classmethod
     def from_route(cls, route: RouteConfig, rng: random.Random | None = None) -> Balancer:
@@ -185,6 +188,9 @@ class Balancer:
         self, client_ip: str, now: float, exclude: Collection[Peer] = frozenset()
     ) -> Peer | None:
         """The peer for the next attempt, or None: answer 502 (nothing left to try)."""
+        single = self._single
+        if single is not None:
+            return single if single.healthy and single not in exclude else None
         for index, group in enumerate(self.groups):
             candidates = [p for p in group if p.available(now) and p not in exclude]
             if candidates:

@@ -26,9 +26,10 @@ def match_path(raw: bytes) -> bytes:
     and land in ``/``. An encoded slash stays encoded: it must not create a boundary. Bad
     encodings are left as they are; the route's handler refuses them.
     """
-    if b"%" in raw:
+    # (``37 in raw`` and ``find``: ``b"%" in raw`` costs a caught TypeError inside CPython)
+    if 37 in raw:  # "%"
         raw = b"%2F".join(unquote_to_bytes(part) for part in _ENCODED_SLASH.split(raw))
-    if b"//" in raw:
+    if raw.find(b"//") >= 0:
         raw = _SLASHES.sub(b"/", raw)
     return raw
 

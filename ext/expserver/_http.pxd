@@ -14,6 +14,10 @@ cdef struct FieldLine:
 
 cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t limit) noexcept nogil
 cdef bytes lower_bytes(const unsigned char *p, Py_ssize_t n)
+# p[:n] equals the lower-case literal lit[:m], ignoring ASCII case
+cdef bint ieq(const unsigned char *p, Py_ssize_t n, const char *lit, Py_ssize_t m) noexcept
+# the comma-separated list p[:n] holds the lower-case token tok[:m]
+cdef bint has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept
 
 
 cdef class Request:

@@ -202,7 +202,7 @@ cdef bytes lower_bytes(const unsigned char *p, Py_ssize_t n):
     return out
 
 
-cdef inline bint _ieq(const unsigned char *p, Py_ssize_t n, const char *lit, Py_ssize_t m) noexcept:
+cdef bint ieq(const unsigned char *p, Py_ssize_t n, const char *lit, Py_ssize_t m) noexcept:
     """Case-insensitive compare of p[:n] with the lower-case literal ``lit``."""
     cdef Py_ssize_t i
     if n != m:
@@ -230,12 +230,12 @@ cdef inline bytes _field_name(const unsigned char *p, Py_ssize_t n):
     cdef bytes known
     if n < 32:
         for known in <list>NAMES_BY_LEN[n]:
-            if _ieq(p, n, <const char *>known, n):
+            if ieq(p, n, <const char *>known, n):
                 return known
     return lower_bytes(p, n)
 
 
-cdef bint _has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept:
+cdef bint has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept:
     """Whether the comma-separated list p[:n] holds ``tok`` (case-insensitive)."""
     cdef Py_ssize_t i = 0, s, e
     while i < n:
@@ -247,7 +247,7 @@ cdef bint _has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_s
         e = i
         while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
             e -= 1
-        if _ieq(p + s, e - s, tok, m):
+        if ieq(p + s, e - s, tok, m):
             return True
     return False
 
@@ -271,7 +271,7 @@ cdef int _te_status(const unsigned char *p, Py_ssize_t n) noexcept:
         while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
             e -= 1
         count += 1
-        last = _ieq(p + s, e - s, b"chunked", 7)
+        last = ieq(p + s, e - s, b"chunked", 7)
         nchunked += last
     if count == 0 or nchunked > 1 or (nchunked == 1 and not last):
         return 400
@@ -528,8 +528,8 @@ cdef class Parser:
         cdef Py_ssize_t ps = ts, q
         if p[ts] == 47:   # origin-form
             pass
-        elif te_ - ts > 7 and (_ieq(p + ts, 7, b"http://", 7) or
-                               (te_ - ts > 8 and _ieq(p + ts, 8, b"https://", 8))):
+        elif te_ - ts > 7 and (ieq(p + ts, 7, b"http://", 7) or
+                               (te_ - ts > 8 and ieq(p + ts, 8, b"https://", 8))):
             # absolute-form: the authority replaces Host (RFC 9112 3.2.2)
             # authority = everything up to the path ('/') or the query ('?')
             ps = ts + (7 if p[ts + 4] == 58 else 8)
@@ -572,7 +572,7 @@ cdef class Parser:
             headers.append((name, value))
             # semantic fields, recognised by length first
             i = colon - ls
-            if i == 4 and _ieq(p + ls, 4, b"host", 4):
+            if i == 4 and ieq(p + ls, 4, b"host", 4):
                 nhost += 1
                 if nhost > 1:
                     self._fail(400, "duplicate Host field")
@@ -585,7 +585,7 @@ cdef class Parser:
                         return None
                 elif not self._set_host(req, p + vs, ve - vs):
                     return None
-            elif i == 14 and _ieq(p + ls, 14, b"content-length", 14):
+            elif i == 14 and ieq(p + ls, 14, b"content-length", 14):
                 if cl >= 0:
                     self._fail(400, "duplicate Content-Length field")
                     return None
@@ -599,7 +599,7 @@ cdef class Parser:
                         self._fail(400, "invalid Content-Length")
                         return None
                     cl = cl * 10 + d
-            elif i == 17 and _ieq(p + ls, 17, b"transfer-encoding", 17):
+            elif i == 17 and ieq(p + ls, 17, b"transfer-encoding", 17):
                 if te:
                     self._fail(400, "duplicate Transfer-Encoding field")
                     return None
@@ -612,13 +612,13 @@ cdef class Parser:
                     self._fail(501, "unsupported transfer coding")
                     return None
                 te = True
-            elif i == 10 and _ieq(p + ls, 10, b"connection", 10):
-                if _has_token(p + vs, ve - vs, b"close", 5):
+            elif i == 10 and ieq(p + ls, 10, b"connection", 10):
+                if has_token(p + vs, ve - vs, b"close", 5):
                     close = True
-                if _has_token(p + vs, ve - vs, b"keep-alive", 10):
+                if has_token(p + vs, ve - vs, b"keep-alive", 10):
                     keep = True
-            elif i == 6 and _ieq(p + ls, 6, b"expect", 6):
-                if _ieq(p + vs, ve - vs, b"100-continue", 12):
+            elif i == 6 and ieq(p + ls, 6, b"expect", 6):
+                if ieq(p + vs, ve - vs, b"100-continue", 12):
                     # an HTTP/1.0 client cannot understand 100 (RFC 9110 10.1.1: ignore)
                     req.expect_continue = req.version == 11
                 else:

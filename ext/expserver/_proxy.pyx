@@ -29,14 +29,15 @@ Ownership: an Upstream belongs to its Exchange while active, to its route's pool
 """
 import socket
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdlib cimport malloc, free
-from libc.string cimport memchr, memmove
+from libc.string cimport memchr, memcpy, memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle
 from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
-from expserver._http cimport Parser, Request, AGAIN, FieldLine, field_line, lower_bytes
+from expserver._http cimport (Parser, Request, AGAIN, FieldLine, field_line, lower_bytes,
+                              ieq)
 from expserver._conn cimport Connection, Deferred
 
 DEF RBUF_SIZE = 65536
@@ -52,6 +53,11 @@ cdef enum UState:
 cdef bytes CRLF = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
 cdef bytes TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+# The end of a relayed response head: [chunked framing] x [nothing, close, keep-alive (1.0)]
+cdef tuple HEAD_TAILS = tuple(
+    framing + connection + CRLF
+    for framing in (b"", TE_CHUNKED)
+    for connection in (b"", b"Connection: close\r\n", b"Connection: keep-alive\r\n"))
 
 # Fields that describe one connection, not the message (RFC 9110 7.6.1).
 cdef frozenset HOP_BY_HOP = frozenset([
@@ -60,6 +66,7 @@ cdef frozenset HOP_BY_HOP = frozenset([
 # Request fields the exchange writes itself.
 cdef frozenset REWRITTEN = HOP_BY_HOP | frozenset([
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
+cdef frozenset NO_PEERS = frozenset()
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 cdef set _tokens(bytes value):
@@ -71,12 +78,11 @@ cdef class ResponseHead:
     """An upstream response head, as much as relaying it needs."""
     cdef public int status
     cdef public int version
-    cdef public bytes reason
-    cdef public list lines          # raw "Name: value" lines to relay, in order
     cdef public long long length    # -1: none
     cdef public bint chunked
     cdef public bint close          # the upstream will not keep the connection
     cdef public bytes upgrade       # its Upgrade value (relayed only with a 101)
+    cdef public set named           # other fields its Connection names (None: none)
 
 
 cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -2:
@@ -95,29 +101,57 @@ cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead he
             return -1
     head.version = 10 if p[7] == 48 else 11
     head.status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
-    head.reason = PyBytes_FromStringAndSize(<const char *>p + 13, n - 13) if n > 13 else b""
     if head.status < 100 or head.status > 599:
         return -1
     return 0
 
 
-cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
-                        ResponseHead head) except -2:
-    """Field lines p[start:end] (validated by Parser.scan_head) into ``head``; -1: bad framing."""
-    cdef Py_ssize_t ls = start, le, colon, vs, ve, i
+cdef enum FieldKind:
+    F_END_TO_END = 0    # relayed as received
+    F_LENGTH = 1        # Content-Length: framing, checked and relayed only when it still holds
+    F_CODING = 2        # Transfer-Encoding: framing, re-done for the client
+    F_CONNECTION = 3
+    F_UPGRADE = 4
+    F_HOP = 5           # Keep-Alive, Proxy-Connection, TE, Trailer
+
+
+cdef int field_kind(const unsigned char *p, Py_ssize_t n) noexcept:
+    """What the field named p[:n] is to a proxy (hop-by-hop: RFC 9110 7.6.1)."""
+    if n == 14:
+        return F_LENGTH if ieq(p, n, b"content-length", 14) else F_END_TO_END
+    if n == 17:
+        return F_CODING if ieq(p, n, b"transfer-encoding", 17) else F_END_TO_END
+    if n == 10:
+        if ieq(p, n, b"connection", 10):
+            return F_CONNECTION
+        return F_HOP if ieq(p, n, b"keep-alive", 10) else F_END_TO_END
+    if n == 7:
+        if ieq(p, n, b"upgrade", 7):
+            return F_UPGRADE
+        return F_HOP if ieq(p, n, b"trailer", 7) else F_END_TO_END
+    if n == 2:
+        return F_HOP if ieq(p, n, b"te", 2) else F_END_TO_END
+    if n == 16:
+        return F_HOP if ieq(p, n, b"proxy-connection", 16) else F_END_TO_END
+    return F_END_TO_END
+
+
+cdef int scan_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
+                     ResponseHead head) except -2:
+    """The framing of the field lines p[start:end] (validated by Parser.scan_head, the empty
+    line included) into ``head``; -1: framing that cannot be relayed correctly."""
+    cdef Py_ssize_t ls = start, i, vs, ve, ts, te_
     cdef FieldLine f
-    cdef bytes name, value
-    cdef list lines = []
-    cdef set drop = set()
     cdef long long cl = -1
-    cdef int te = 0
-    cdef bint close = False, keep = False
-    while ls < end and p[ls] != 13:
+    cdef bint coded = False, close = False, keep = False
+    cdef int kind
+    head.named = None
+    head.upgrade = None
+    while p[ls] != 13:
         f = field_line(p, ls, end)
-        le, colon, vs, ve = f.end, f.colon, f.value_start, f.value_end
-        name = lower_bytes(p + ls, colon - ls)
-        value = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
-        if name == b"content-length":
+        vs, ve = f.value_start, f.value_end
+        kind = field_kind(p + ls, f.colon - ls)
+        if kind == F_LENGTH:
             if cl >= 0 or ve == vs or ve - vs > 18:
                 return -1
             cl = 0
@@ -125,28 +159,82 @@ cdef int collect_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end
                 if not (48 <= p[i] <= 57):
                     return -1
                 cl = cl * 10 + (p[i] - 48)
-        elif name == b"transfer-encoding":
-            if te or value.lower() != b"chunked":
+        elif kind == F_CODING:
+            if coded or not ieq(p + vs, ve - vs, b"chunked", 7):
                 return -1           # only "chunked", once, can be relayed correctly
-            te = 1
-        elif name == b"upgrade":
-            head.upgrade = value
-        elif name == b"connection":
-            toks = _tokens(value)
-            drop |= toks
-            close = close or b"close" in toks
-            keep = keep or b"keep-alive" in toks
-        lines.append((name, PyBytes_FromStringAndSize(<const char *>p + ls, le - ls)))
-        ls = le + 2
-    if te and cl >= 0:
+            coded = True
+        elif kind == F_UPGRADE:
+            head.upgrade = PyBytes_FromStringAndSize(<const char *>p + vs, ve - vs)
+        elif kind == F_CONNECTION:
+            i = vs
+            while i < ve:           # each token: close, keep-alive, or a field to drop
+                while i < ve and (p[i] == 32 or p[i] == 9 or p[i] == 44):
+                    i += 1
+                ts = i
+                while i < ve and p[i] != 44:
+                    i += 1
+                te_ = i
+                while te_ > ts and (p[te_ - 1] == 32 or p[te_ - 1] == 9):
+                    te_ -= 1
+                if ieq(p + ts, te_ - ts, b"close", 5):
+                    close = True
+                elif ieq(p + ts, te_ - ts, b"keep-alive", 10):
+                    keep = True
+                elif te_ > ts and field_kind(p + ts, te_ - ts) == F_END_TO_END:
+                    if head.named is None:
+                        head.named = set()
+                    head.named.add(lower_bytes(p + ts, te_ - ts))
+        ls = f.end + 2
+    if coded and cl >= 0:
         return -1                   # RFC 9112 6.3: a smuggling signal; refuse it
-    drop |= HOP_BY_HOP
-    drop.discard(b"content-length")
-    head.lines = [line for name, line in lines if name not in drop and name != b"content-length"]
     head.length = cl
-    head.chunked = te == 1
+    head.chunked = coded
     head.close = close or (head.version == 10 and not keep)
     return 0
+
+
+cdef bint _relayed(const unsigned char *p, Py_ssize_t ls, Py_ssize_t colon, ResponseHead head,
+                   bint with_length):
+    cdef int kind = field_kind(p + ls, colon - ls)
+    if kind == F_LENGTH:
+        return with_length
+    if kind != F_END_TO_END:
+        return False
+    return head.named is None or lower_bytes(p + ls, colon - ls) not in head.named
+
+
+cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_t end,
+                      ResponseHead head, bint with_length, bytes tail):
+    """The head for the client, made in one piece: ``HTTP/1.1``, the upstream's status line
+    after its version, its end-to-end field lines as received (its Content-Length line too
+    when ``with_length``), then ``tail`` (our framing and Connection lines, the empty line).
+    p[fields_start:end] holds the field lines and the empty line; p[8] starts " 200 OK"."""
+    cdef Py_ssize_t ls, size, n
+    cdef FieldLine f
+    cdef bytes out
+    cdef char *q
+    size = 8 + (fields_start - 8) + len(tail)
+    ls = fields_start
+    while p[ls] != 13:
+        f = field_line(p, ls, end)
+        if _relayed(p, ls, f.colon, head, with_length):
+            size += f.end + 2 - ls
+        ls = f.end + 2
+    out = PyBytes_FromStringAndSize(NULL, size)
+    q = PyBytes_AS_STRING(out)
+    memcpy(q, b"HTTP/1.1", 8)
+    memcpy(q + 8, p + 8, fields_start - 8)
+    q += fields_start
+    ls = fields_start
+    while p[ls] != 13:
+        f = field_line(p, ls, end)
+        n = f.end + 2 - ls
+        if _relayed(p, ls, f.colon, head, with_length):
+            memcpy(q, p + ls, n)
+            q += n
+        ls = f.end + 2
+    memcpy(q, <const char *>tail, len(tail))
+    return out
 
 
 cdef class ProxyRoute:
@@ -402,7 +490,7 @@ cdef class Exchange(Deferred):
     cdef Request req
     cdef Upstream up
     cdef bytes head_bytes       # the request head as sent upstream
-    cdef set tried
+    cdef set tried              # peers that failed this request (None: none yet)
     cdef int attempts
     cdef bint idempotent
     cdef bint has_body
@@ -418,13 +506,12 @@ cdef class Exchange(Deferred):
     cdef int last_status        # what to answer if no peer is left (502 or 504)
     cdef long long received     # chunked request body bytes so far
     cdef list replay            # body bytes queued while no upstream got a byte (retries)
-    cdef object _host           # the client's Host value, if any
+    cdef bint host_per_peer     # head_bytes lacks its Host line: it names the peer
 
     # ----------------------------------------------------------- Deferred
     cdef int start(self, Connection conn, Request req) except -1:
         self.conn = conn
         self.req = req
-        self.tried = set()
         self.has_body = req.chunked or req.content_length > 0
         self.body_done = not self.has_body
         self.chunked_up = req.chunked
@@ -432,7 +519,7 @@ cdef class Exchange(Deferred):
         if 0 < self.route.max_body < req.content_length:
             return self.fail(413)
         conn.body_timeout = self.route.body_timeout
-        self.replay = []
+        self.replay = [] if self.has_body else None
         self.head_bytes = self.request_head()
         self.next_peer()
         return 0
@@ -483,10 +570,14 @@ cdef class Exchange(Deferred):
 
     # ----------------------------------------------------------- request side
     cdef bytes request_head(self):
+        """The request head for the upstream; without its Host line and end when the Host
+        depends on the peer (``host_per_peer``)."""
         cdef Request req = self.req
         cdef list out = [req.method, b" "]
-        cdef set drop = set(REWRITTEN)
-        cdef bytes forwarded = None, host = None
+        cdef set named = None                   # other fields the client's Connection names
+        cdef bytes forwarded = None, host = None, upgrade = None
+        cdef Py_ssize_t fields_at
+        cdef object mode = self.route.host_header
         if req.target[:1] == b"/":
             out.append(req.target)          # origin-form: exactly as the client sent it
         else:
@@ -494,22 +585,27 @@ cdef class Exchange(Deferred):
             if req.query:
                 out += [b"?", req.query]
         out.append(b" HTTP/1.1\r\n")
-        cdef bytes upgrade = None
+        fields_at = len(out)
         for name, value in req.headers:
-            if name == b"connection":
+            if name not in REWRITTEN:
+                out += [name, b": ", value, CRLF]
+            elif name == b"connection":
                 toks = _tokens(value)
-                drop |= toks
-                self.upgrade = b"upgrade" in toks
+                self.upgrade = self.upgrade or b"upgrade" in toks
+                toks -= REWRITTEN
+                if toks:
+                    named = toks if named is None else named | toks
             elif name == b"upgrade":
                 upgrade = value
             elif name == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b", " + value
             elif name == b"host" and host is None:
                 host = value
-        for name, value in req.headers:
-            if name not in drop:
-                out += [name, b": ", value, CRLF]
-        self._host = host
+        if named is not None:               # rare: drop what Connection names, in a 2nd pass
+            del out[fields_at:]
+            for name, value in req.headers:
+                if name not in REWRITTEN and name not in named:
+                    out += [name, b": ", value, CRLF]
         out += [b"X-Forwarded-For: ",
                 (forwarded + b", " if forwarded else b"") + req.peer.encode("ascii"), CRLF,
                 b"X-Forwarded-Proto: http\r\n"]
@@ -523,28 +619,29 @@ cdef class Exchange(Deferred):
         self.upgrade = self.upgrade and upgrade is not None and req.version == 11
         if self.upgrade:
             out += [b"Connection: upgrade\r\nUpgrade: ", upgrade, CRLF]
+        if mode is None and host is not None:
+            out += [b"Host: ", host, b"\r\n\r\n"]     # the client's Host
+        elif mode is not None and mode != b"":
+            out += [b"Host: ", mode, b"\r\n\r\n"]     # a configured one
+        else:
+            self.host_per_peer = True       # the peer's address (none from an HTTP/1.0 client)
         return b"".join(out)
 
-    cdef bytes host_line(self, object peer):
-        cdef object mode = self.route.host_header
-        if mode is None and self._host is not None:
-            return b"Host: " + self._host + CRLF
-        if mode is None or mode == b"":
-            address = peer.address          # "host:port", IPv6 in brackets
-            return b"Host: " + (address.encode("ascii") if address.isascii()
-                                else address.encode("idna")) + CRLF
-        return b"Host: " + mode + CRLF
+    cdef bytes peer_host_line(self, object peer):
+        address = peer.address              # "host:port", IPv6 in brackets
+        return b"Host: " + (address.encode("ascii") if address.isascii()
+                            else address.encode("idna")) + b"\r\n\r\n"
 
     cdef int next_peer(self) except -1:
         cdef ProxyRoute route = self.route
         cdef Loop loop = <Loop>route.loop
         if self.attempts > route.retries:
             return self.fail(self.last_status or 502)
-        peer = route.balancer.pick(self.req.peer, loop.now, self.tried)
+        peer = route.balancer.pick(self.req.peer, loop.now,
+                                   NO_PEERS if self.tried is None else self.tried)
         if peer is None:
             return self.fail(self.last_status or 502)
         self.attempts += 1
-        self.tried.add(peer)
         return self.use_peer(peer, True)
 
     cdef int use_peer(self, object peer, bint pooled) except -1:
@@ -574,7 +671,8 @@ cdef class Exchange(Deferred):
         if peer.active > route.peaks.get(peer, 0):
             route.peaks[peer] = peer.active
         self.up = up
-        up.out.push(self.head_bytes + self.host_line(peer) + CRLF)
+        up.out.push(self.head_bytes + self.peer_host_line(peer) if self.host_per_peer
+                    else self.head_bytes)
         if self.replay:
             for data in self.replay:    # a retry after a connect failure: nothing was sent
                 up.out.push(data)
@@ -586,7 +684,7 @@ cdef class Exchange(Deferred):
     cdef int on_upstream_data(self, Upstream up) except -1:
         cdef const unsigned char *p
         cdef const unsigned char *lf
-        cdef Py_ssize_t n, used
+        cdef Py_ssize_t n, used, fields_start
         cdef int rc
         cdef list chunks
         if self.finished:
@@ -610,20 +708,22 @@ cdef class Exchange(Deferred):
             rc = up.parser.scan_head(p, n)
             if rc == AGAIN:
                 return 0
-            if rc < 0 or collect_fields(p, up.fields_start, up.parser.pos, up.head) < 0:
-                return self.upstream_failed(up, True, 502)
             used = up.parser.pos
-            up.fields_start = 0
-            up.rstart += used
+            if rc < 0 or scan_fields(p, up.fields_start, used, up.head) < 0:
+                return self.upstream_failed(up, True, 502)
+            fields_start, up.fields_start = up.fields_start, 0
+            if up.head.status == 101:
+                if not self.upgrade:
+                    return self.upstream_failed(up, True, 502)   # unasked-for switch
+                up.rstart += used
+                self.start_tunnel(up, p, fields_start, used)
+                break
             if up.head.status < 200:
-                if up.head.status == 101:
-                    if not self.upgrade:
-                        return self.upstream_failed(up, True, 502)   # unasked-for switch
-                    self.start_tunnel(up)
-                    break
+                up.rstart += used
                 up.head = None          # an interim answer (100, 103): skip it
                 continue
-            self.send_head(up)
+            up.rstart += used
+            self.send_head(up, p, fields_start, used)
         # body
         while up.rend > up.rstart and not self.finished:
             if not self.conn_has_room():
@@ -648,17 +748,15 @@ cdef class Exchange(Deferred):
                 self.conn.flush()       # a head without its body yet
         return 0
 
-    cdef int start_tunnel(self, Upstream up) except -1:
+    cdef int start_tunnel(self, Upstream up, const unsigned char *p, Py_ssize_t fields_start,
+                          Py_ssize_t end) except -1:
         """101 Switching Protocols: relay its head, then bytes both ways until a close."""
         cdef ResponseHead h = up.head
-        cdef list out = [b"HTTP/1.1 101 ", h.reason, CRLF]
-        for line in h.lines:
-            out += [line, CRLF]
-        out += [b"Connection: upgrade\r\nUpgrade: ", h.upgrade or b"websocket", CRLF, CRLF]
+        cdef bytes tail = b"Connection: upgrade\r\nUpgrade: %b\r\n\r\n" % (h.upgrade or b"websocket")
         self.tunnel = True
         self.close_down = True
         self.head_sent = True
-        self.conn.out.push(b"".join(out))
+        self.conn.out.push(relay_head(p, fields_start, end, h, False, tail))
         self.conn.count(101)
         up.peer.succeeded()
         up.parser.start_framing(False, -1, True)
@@ -670,37 +768,30 @@ cdef class Exchange(Deferred):
     cdef bint conn_has_room(self):
         return self.conn is not None and self.conn.out.has_room()
 
-    cdef int send_head(self, Upstream up) except -1:
+    cdef int send_head(self, Upstream up, const unsigned char *p, Py_ssize_t fields_start,
+                       Py_ssize_t end) except -1:
         cdef ResponseHead h = up.head
         cdef Request req = self.req
-        cdef list out = [b"HTTP/1.1 %d " % h.status, h.reason, CRLF]
         cdef bint head_only = req.method == b"HEAD"
+        cdef bint with_length = False
         self.no_body = head_only or h.status == 204 or h.status == 304
-        for line in h.lines:
-            out += [line, CRLF]
         if self.no_body:
-            if head_only and h.length >= 0:
-                out.append(b"Content-Length: %d\r\n" % h.length)
+            with_length = head_only and h.length >= 0
             up.parser.start_framing(False, 0, False)
         elif h.length >= 0 and not h.chunked:
-            out.append(b"Content-Length: %d\r\n" % h.length)
+            with_length = True
             up.parser.start_framing(False, h.length, False)
         else:
             # chunked or delimited by the upstream closing: chunked for 1.1 clients
             if req.version == 11:
                 self.chunked_down = True
-                out.append(TE_CHUNKED)
             else:
                 self.close_down = True
             up.parser.start_framing(h.chunked, -1, not h.chunked)
         if not req.keep_alive or self.conn.close_after:
             self.close_down = True
-        if self.close_down:
-            out.append(b"Connection: close\r\n")
-        elif req.version == 10:
-            out.append(b"Connection: keep-alive\r\n")
-        out.append(CRLF)
-        self.conn.out.push(b"".join(out))
+        self.conn.out.push(relay_head(p, fields_start, end, h, with_length, HEAD_TAILS[
+            self.chunked_down * 3 + (1 if self.close_down else 2 if req.version == 10 else 0)]))
         self.conn.count(h.status)
         self.head_sent = True
         up.peer.succeeded()
@@ -792,6 +883,9 @@ cdef class Exchange(Deferred):
         if not sent or (self.idempotent and not self.has_body):
             if stale:
                 return self.use_peer(peer, False)
+            if self.tried is None:
+                self.tried = set()
+            self.tried.add(peer)
             return self.next_peer()
         return self.fail(status)
 
