@@ -61,24 +61,24 @@ class App:
                  worker: metrics.WorkerMetrics, server_name: str) -> None:
         figures = metrics.Metrics(worker, server_name)
         self.by_kind = worker.by_kind
-        self.hosts = routing.VirtualHosts([
+        self.hosts = hosts = routing.VirtualHosts([
             (s.hostnames, routing.RouteTable(
                 [(r.req_path, (route_handler(r, s, loop, figures), r.type)) for r in s.routes]
                 # eXpServer's dashboard polls a server without routes at /api
                 or [("/api", (figures, "metrics"))]))
             for s in servers
         ])
+        self.table = hosts.only   # one server that takes any host: no selection to make
 
     def __call__(self, req: Any) -> tuple[int, bytes, object]:
         if req.method not in KNOWN_METHODS:
             return error(501)
-        table = self.hosts.select(req.host)
+        table = self.table if self.table is not None else self.hosts.select(req.host)
         if table is None:
             return error(404)
-        entry = table.match(routing.match_path(req.path))
+        entry = table.match(req.path)
         if entry is None:
             return error(404)
         handler, kind = entry
-        if kind in self.by_kind:
-            self.by_kind[kind] += 1
+        self.by_kind[kind] += 1
         return handler(req)

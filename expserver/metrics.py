@@ -25,7 +25,8 @@ FIELDS = (
     "res_time_peak_usec", "send_bytes", "recv_bytes",
 )
 _SLOT = struct.Struct(f"<{len(FIELDS)}q")
-ROUTE_KINDS = ("file_serve", "reverse_proxy", "redirect")
+# Requests are counted per route type; metrics routes too, though they are not published.
+ROUTE_KINDS = ("file_serve", "reverse_proxy", "redirect", "metrics")
 PUBLISH_EVERY = 0.5
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -35,17 +35,23 @@ def match_path(raw: bytes) -> bytes:
 
 
 class RouteTable:
-    """Routes of one server, longest prefix first, matched on raw path bytes."""
+    """Routes of one server, longest prefix first."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_root_only")
 
     def __init__(self, entries: Sequence[tuple[str, Handler]]) -> None:
         # (prefix bytes without trailing "/", handler); "/" becomes b"" and matches all
         table = [(path.rstrip("/").encode("utf-8"), handler) for path, handler in entries]
         table.sort(key=lambda e: len(e[0]), reverse=True)
         self._entries = tuple(table)
+        # a server whose only route is "/" answers every path with it: nothing to decode
+        self._root_only = table[0][1] if len(table) == 1 and not table[0][0] else None
 
-    def match(self, path: bytes) -> Handler | None:
+    def match(self, raw_path: bytes) -> Handler | None:
+        """The route of a request's path as it came (see match_path), or None."""
+        if self._root_only is not None and raw_path[:1] == b"/":
+            return self._root_only
+        path = match_path(raw_path)
         for prefix, handler in self._entries:
             n = len(prefix)
             if path.startswith(prefix) and (len(path) == n or path[n] == 47):  # "/"
@@ -56,18 +62,20 @@ class RouteTable:
 class VirtualHosts:
     """Servers sharing one listener, selected by Host."""
 
-    __slots__ = ("_servers", "_any")
+    __slots__ = ("_servers", "only")
 
     def __init__(self, servers: Sequence[tuple[tuple[str, ...], Any]]) -> None:
         self._servers = tuple(
             (frozenset(h.lower().encode("idna") for h in names), server)
             for names, server in servers
         )
-        self._any = len(self._servers) == 1 and not self._servers[0][0]
+        # a lone server without hostnames takes every request
+        self.only = self._servers[0][1] if len(self._servers) == 1 and not self._servers[0][0] \
+            else None
 
     def select(self, host: bytes) -> Any:
-        if self._any:
-            return self._servers[0][1]
+        if self.only is not None:
+            return self.only
         if host.endswith(b"."):
             host = host[:-1]  # "example.com." is the same name, fully qualified
         for names, server in self._servers:

@@ -87,4 +87,4 @@ cdef class Connection(Handle):
     cdef void drain(self)
     cdef int start_linger(self) except -1
     cdef int linger_read(self) except -1
-    cdef void close(self)
+    cdef int close(self) except -1

@@ -649,10 +649,10 @@ cdef class Connection(Handle):
             self.close()
         return 0
 
-    cdef void close(self):
+    cdef int close(self) except -1:
         cdef Deferred task
         if self.phase == P_CLOSED:
-            return
+            return 0
         self.phase = P_CLOSED
         if self.task is not None:
             task, self.task = self.task, None

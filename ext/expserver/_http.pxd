@@ -61,15 +61,15 @@ cdef class Parser:
     cdef public int error_status
     cdef public str error_reason
 
-    cdef void reset(self)
+    cdef void reset(self) noexcept
     cdef int _fail(self, int status, str reason) noexcept
     cdef int _check_version(self, const unsigned char *buf, Py_ssize_t cr) noexcept
     cdef bint _set_host(self, Request req, const unsigned char *p, Py_ssize_t n) except -1
     cdef int scan_head(self, const unsigned char *buf, Py_ssize_t n) noexcept
     cdef Request build(self, const unsigned char *buf)
-    cdef void start_body(self, Request req)
-    cdef void begin_fields(self, Py_ssize_t pos)
-    cdef void start_framing(self, bint chunked, long long length, bint until_eof)
+    cdef void start_body(self, Request req) noexcept
+    cdef void begin_fields(self, Py_ssize_t pos) noexcept
+    cdef void start_framing(self, bint chunked, long long length, bint until_eof) noexcept
     cdef Py_ssize_t feed_body(self, const unsigned char *p, Py_ssize_t n, list out) except -2
     cdef inline bint body_done(self) noexcept:
         return self.bstate == 0

@@ -325,7 +325,7 @@ cdef class Parser:
         self.reset()
         self.bstate = B_NONE
 
-    cdef void reset(self):
+    cdef void reset(self) noexcept:
         self.state = S_START
         self.pos = 0
         self.line_start = 0
@@ -651,7 +651,7 @@ cdef class Parser:
         return True
 
     # ------------------------------------------------------------ body framing
-    cdef void start_body(self, Request req):
+    cdef void start_body(self, Request req) noexcept:
         self.received = 0
         self.aux = 0
         if req.chunked:
@@ -662,14 +662,14 @@ cdef class Parser:
         else:
             self.bstate = B_NONE
 
-    cdef void begin_fields(self, Py_ssize_t pos):
+    cdef void begin_fields(self, Py_ssize_t pos) noexcept:
         """Scan field lines from ``pos``: a response head after its status line."""
         self.reset()
         self.state = S_FIELD_START
         self.pos = pos
         self.line_start = pos
 
-    cdef void start_framing(self, bint chunked, long long length, bint until_eof):
+    cdef void start_framing(self, bint chunked, long long length, bint until_eof) noexcept:
         """Frame a response body (RFC 9112 6.3): chunked, a length, or until EOF."""
         self.received = 0
         self.aux = 0

@@ -16,7 +16,7 @@ cdef class Loop:
     cdef int maxevents
     cdef public object _wakeup_w
     cdef double update_time(self)
-    cdef void push_timer(self, Handle h, double when)
+    cdef int push_timer(self, Handle h, double when) except -1
     cdef int run_timers(self) except -1
 
 
@@ -30,6 +30,6 @@ cdef class Handle:
     cdef bint registered          # the fd is in the epoll set
     cdef int on_events(self, uint32_t events) except -1
     cdef int on_timeout(self) except -1
-    cdef void set_deadline(self, double when)
+    cdef int set_deadline(self, double when) except -1
     cdef int watch(self, uint32_t events) except -1
     cdef int unwatch(self) except -1

@@ -49,7 +49,7 @@ cdef class Handle:
     cdef int on_timeout(self) except -1:
         return 0
 
-    cdef void set_deadline(self, double when):
+    cdef int set_deadline(self, double when) except -1:
         self.deadline = when
         if when > 0 and (self.heap_deadline == 0 or when < self.heap_deadline):
             self.loop.push_timer(self, when)
@@ -146,7 +146,7 @@ cdef class Loop:
         self.now = ts.tv_sec + ts.tv_nsec * 1e-9
         return self.now
 
-    cdef void push_timer(self, Handle h, double when):
+    cdef int push_timer(self, Handle h, double when) except -1:
         self.seq += 1
         h.heap_deadline = when
         _heappush(self.timers, (when, self.seq, h))

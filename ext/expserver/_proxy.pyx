@@ -83,6 +83,8 @@ cdef class ResponseHead:
     cdef public bint close          # the upstream will not keep the connection
     cdef public bytes upgrade       # its Upgrade value (relayed only with a 101)
     cdef public set named           # other fields its Connection names (None: none)
+    cdef Py_ssize_t relayed         # bytes of its end-to-end field lines (named ones too)
+    cdef Py_ssize_t length_line     # bytes of its Content-Length line
 
 
 cdef int parse_status_line(const unsigned char *p, Py_ssize_t n, ResponseHead head) except -2:
@@ -147,13 +149,17 @@ cdef int scan_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
     cdef int kind
     head.named = None
     head.upgrade = None
+    head.relayed = 0
     while p[ls] != 13:
         f = field_line(p, ls, end)
         vs, ve = f.value_start, f.value_end
         kind = field_kind(p + ls, f.colon - ls)
-        if kind == F_LENGTH:
+        if kind == F_END_TO_END:
+            head.relayed += f.end + 2 - ls
+        elif kind == F_LENGTH:
             if cl >= 0 or ve == vs or ve - vs > 18:
                 return -1
+            head.length_line = f.end + 2 - ls
             cl = 0
             for i in range(vs, ve):
                 if not (48 <= p[i] <= 57):
@@ -213,13 +219,16 @@ cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_
     cdef FieldLine f
     cdef bytes out
     cdef char *q
-    size = 8 + (fields_start - 8) + len(tail)
-    ls = fields_start
-    while p[ls] != 13:
-        f = field_line(p, ls, end)
-        if _relayed(p, ls, f.colon, head, with_length):
-            size += f.end + 2 - ls
-        ls = f.end + 2
+    size = fields_start + len(tail)
+    if head.named is None:
+        size += head.relayed + (head.length_line if with_length else 0)
+    else:                           # fields named by Connection are left out too
+        ls = fields_start
+        while p[ls] != 13:
+            f = field_line(p, ls, end)
+            if _relayed(p, ls, f.colon, head, with_length):
+                size += f.end + 2 - ls
+            ls = f.end + 2
     out = PyBytes_FromStringAndSize(NULL, size)
     q = PyBytes_AS_STRING(out)
     memcpy(q, b"HTTP/1.1", 8)
@@ -292,7 +301,7 @@ cdef class ProxyRoute:
                 return up
         return None
 
-    cdef void give_back(self, Upstream up):
+    cdef int give_back(self, Upstream up) except -1:
         # The pool holds at least ``keepalive`` idle connections, and as many as the peer's
         # peak concurrency (up to MAX_POOL): a fixed pool smaller than the load (nginx's
         # keepalive N) would make most requests connect anew. Idle ones expire.
@@ -304,7 +313,7 @@ cdef class ProxyRoute:
             pool = self.pools[up.peer] = []
         if len(pool) >= cap:
             up.close()
-            return
+            return 0
         up.state = U_IDLE
         up.ex = None
         if up.rbuf != NULL:
@@ -314,7 +323,7 @@ cdef class ProxyRoute:
         up.watch(EPOLLIN)             # an idle upstream that closes or talks is dropped
         up.set_deadline((<Loop>self.loop).now + self.idle_timeout)
 
-    cdef void forget(self, Upstream up):
+    cdef int forget(self, Upstream up) except -1:
         cdef list pool = self.pools.get(up.peer)
         if pool is not None and up in pool:
             pool.remove(up)
@@ -456,12 +465,12 @@ cdef class Upstream(Handle):
             _ex(self).on_upstream_error(self)
         return 0
 
-    cdef void pause(self):
+    cdef int pause(self) except -1:
         self.paused = True
         self.watch(EPOLLOUT if not self.out.empty() else 0)
         self.set_deadline(0)
 
-    cdef void resume(self):
+    cdef int resume(self) except -1:
         if self.paused and self.state == U_ACTIVE:
             self.paused = False
             self.watch(EPOLLIN | (0 if self.out.empty() else EPOLLOUT))
@@ -469,9 +478,9 @@ cdef class Upstream(Handle):
             if self.rend > self.rstart:
                 _ex(self).on_upstream_data(self)
 
-    cdef void close(self):
+    cdef int close(self) except -1:
         if self.state == U_CLOSED:
-            return
+            return 0
         self.state = U_CLOSED
         self.unwatch()
         self.set_deadline(0)
@@ -550,7 +559,7 @@ cdef class Exchange(Deferred):
             up.flush()
         return 0
 
-    cdef void push_body(self, Upstream up, bytes data):
+    cdef int push_body(self, Upstream up, bytes data) except -1:
         up.out.push(data)
         if self.replay is not None:
             self.replay.append(data)
@@ -575,21 +584,23 @@ cdef class Exchange(Deferred):
         cdef Request req = self.req
         cdef list out = [req.method, b" "]
         cdef set named = None                   # other fields the client's Connection names
-        cdef bytes forwarded = None, host = None, upgrade = None
-        cdef Py_ssize_t fields_at
+        cdef bytes name, value, forwarded = None, host = None, upgrade = None
+        cdef tuple field
         cdef object mode = self.route.host_header
-        if req.target[:1] == b"/":
+        if PyBytes_AS_STRING(req.target)[0] == 47:
             out.append(req.target)          # origin-form: exactly as the client sent it
         else:
             out.append(req.path)            # absolute-form becomes origin-form
             if req.query:
-                out += [b"?", req.query]
+                out.append(b"?")
+                out.append(req.query)
         out.append(b" HTTP/1.1\r\n")
-        fields_at = len(out)
-        for name, value in req.headers:
+        for field in req.headers:
+            name = <bytes>field[0]
             if name not in REWRITTEN:
-                out += [name, b": ", value, CRLF]
-            elif name == b"connection":
+                continue
+            value = <bytes>field[1]
+            if name == b"connection":
                 toks = _tokens(value)
                 self.upgrade = self.upgrade or b"upgrade" in toks
                 toks -= REWRITTEN
@@ -601,16 +612,23 @@ cdef class Exchange(Deferred):
                 forwarded = value if forwarded is None else forwarded + b", " + value
             elif name == b"host" and host is None:
                 host = value
-        if named is not None:               # rare: drop what Connection names, in a 2nd pass
-            del out[fields_at:]
-            for name, value in req.headers:
-                if name not in REWRITTEN and name not in named:
-                    out += [name, b": ", value, CRLF]
-        out += [b"X-Forwarded-For: ",
-                (forwarded + b", " if forwarded else b"") + req.peer.encode("ascii"), CRLF,
-                b"X-Forwarded-Proto: http\r\n"]
+        for field in req.headers:
+            name = <bytes>field[0]
+            if name not in REWRITTEN and (named is None or name not in named):
+                out.append(name)
+                out.append(b": ")
+                out.append(<bytes>field[1])
+                out.append(CRLF)
+        out.append(b"X-Forwarded-For: ")
+        if forwarded:
+            out.append(forwarded)
+            out.append(b", ")
+        out.append(req.peer.encode("ascii"))
+        out.append(b"\r\nX-Forwarded-Proto: http\r\n")
         if host is not None:
-            out += [b"X-Forwarded-Host: ", host, CRLF]
+            out.append(b"X-Forwarded-Host: ")
+            out.append(host)
+            out.append(CRLF)
         if req.chunked:
             out.append(TE_CHUNKED)
         elif req.content_length >= 0:
@@ -618,13 +636,17 @@ cdef class Exchange(Deferred):
         # Upgrade is hop-by-hop: it is passed on only as the client's explicit request
         self.upgrade = self.upgrade and upgrade is not None and req.version == 11
         if self.upgrade:
-            out += [b"Connection: upgrade\r\nUpgrade: ", upgrade, CRLF]
+            out.append(b"Connection: upgrade\r\nUpgrade: ")
+            out.append(upgrade)
+            out.append(CRLF)
         if mode is None and host is not None:
-            out += [b"Host: ", host, b"\r\n\r\n"]     # the client's Host
-        elif mode is not None and mode != b"":
-            out += [b"Host: ", mode, b"\r\n\r\n"]     # a configured one
-        else:
+            mode = host                     # the client's Host
+        elif mode is None or mode == b"":
             self.host_per_peer = True       # the peer's address (none from an HTTP/1.0 client)
+            return b"".join(out)
+        out.append(b"Host: ")
+        out.append(mode)
+        out.append(b"\r\n\r\n")
         return b"".join(out)
 
     cdef bytes peer_host_line(self, object peer):
@@ -798,7 +820,7 @@ cdef class Exchange(Deferred):
         # not flushed here: the body that came with the head goes out in the same send
         return 0
 
-    cdef void relay(self, list chunks):
+    cdef int relay(self, list chunks) except -1:
         cdef bytes c
         cdef Pipe out = self.conn.out
         for c in chunks:
@@ -852,7 +874,7 @@ cdef class Exchange(Deferred):
             (<Connection>conn).close()
         return 0
 
-    cdef void release(self, Upstream up, bint reusable, bint failed):
+    cdef int release(self, Upstream up, bint reusable, bint failed) except -1:
         if up is self.up:
             self.up = None
         up.peer.active -= 1
