@@ -99,7 +99,7 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: B
     for (host, port), sock in socks.items():
         servers = [s for s in cfg.servers
                    if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
-        listener = Listener(core, sock, App(servers, loop, worker, cfg.server_name),
+        listener = Listener(core, sock, App(servers, loop, worker, cfg.server_name).handle,
                             settings_of(cfg, servers))
         listener.start()
         listeners.append(listener)

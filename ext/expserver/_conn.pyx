@@ -14,8 +14,8 @@ A ``Connection`` moves through phases::
       +------------------- body done --------------------+
     any --(close wanted and pipe drained)--> LINGER --(EOF or deadline)--> closed
 
-Receive side: one malloc'd buffer ``rbuf[rstart:rend]`` per connection, allocated when
-bytes arrive and freed when the connection is idle (so an idle keep-alive connection
+Receive side: one buffer ``rbuf[rstart:rend]`` per connection, taken from the loop when
+bytes arrive and given back when the connection is idle (so an idle keep-alive connection
 holds no buffer). A head must fit in it (it grows up to the parser's limit).
 
 Dispatch: one Python call per request, ``handler(request) -> (status, headers, body)``
@@ -39,12 +39,12 @@ import sys
 import time
 import traceback
 
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport realloc, free
 from libc.string cimport memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
-from expserver._loop cimport Loop, Handle
-from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._loop cimport Loop, Handle, SMALL_BUFFER
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
 from expserver._http cimport Parser, Request, AGAIN
 
 from expserver.pages import page as error_page
@@ -56,7 +56,6 @@ cdef enum Phase:
     P_LINGER = 2
     P_CLOSED = 3
 
-DEF RBUF_MIN = 16384
 DEF LINGER_SECONDS = 5.0
 DEF ACCEPT_BATCH = 64
 
@@ -298,10 +297,8 @@ cdef class Connection(Handle):
     cdef int read(self) except -1:
         cdef ssize_t n
         if self.rbuf == NULL:
-            self.rbuf = <unsigned char *>malloc(RBUF_MIN)
-            if self.rbuf == NULL:
-                raise MemoryError()
-            self.rcap = RBUF_MIN
+            self.rbuf = self.loop.take_buffer(SMALL_BUFFER)
+            self.rcap = SMALL_BUFFER
             self.rstart = self.rend = 0
         elif self.rend == self.rcap:
             if self.rstart == 0 and (self.task is not None or self.out.full()) \
@@ -406,7 +403,7 @@ cdef class Connection(Handle):
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
             if self.phase == P_HEAD and self.rbuf != NULL:
-                free(self.rbuf)             # idle: hold no buffer
+                self.loop.give_buffer(self.rbuf, self.rcap)    # idle: hold no buffer
                 self.rbuf = NULL
         self.flush()
         return 0
@@ -480,7 +477,7 @@ cdef class Connection(Handle):
             close = True
         if close:
             self.close_after = True
-        self.out.push(b"".join([
+        self.out.push(join_bytes([
             status_prefix(status), http_date(self.loop.now), headers, framing,
             CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]))
         if head_only or body is None:
@@ -635,7 +632,7 @@ cdef class Connection(Handle):
         self.phase = P_LINGER
         self.out.clear()
         if self.rbuf != NULL:
-            free(self.rbuf)
+            self.loop.give_buffer(self.rbuf, self.rcap)
             self.rbuf = NULL
         self.rstart = self.rend = 0
         self.watch(EPOLLIN)
@@ -665,7 +662,7 @@ cdef class Connection(Handle):
         close(self.fd)
         self.out.clear()
         if self.rbuf != NULL:
-            free(self.rbuf)
+            self.loop.give_buffer(self.rbuf, self.rcap)
             self.rbuf = NULL
         self.core.stats.conn_current -= 1
         self.core.connections.discard(self)

@@ -1,6 +1,10 @@
 from libc.stdint cimport uint32_t
 from expserver._sys cimport epoll_event
 
+cdef enum:
+    SMALL_BUFFER = 16384     # a client connection's first receive buffer
+    LARGE_BUFFER = 65536     # an upstream connection's receive buffer
+
 cdef class Handle
 
 cdef class Loop:
@@ -15,9 +19,13 @@ cdef class Loop:
     cdef epoll_event *evbuf
     cdef int maxevents
     cdef public object _wakeup_w
+    cdef void *spares[2][16]     # freed receive buffers of the two usual sizes, for reuse
+    cdef int nspares[2]
     cdef double update_time(self)
     cdef int push_timer(self, Handle h, double when) except -1
     cdef int run_timers(self) except -1
+    cdef unsigned char *take_buffer(self, Py_ssize_t size) except NULL
+    cdef void give_buffer(self, unsigned char *buf, Py_ssize_t size) noexcept
 
 
 cdef class Handle:

@@ -35,6 +35,10 @@ cdef object _heappush = heapq.heappush
 cdef object _heappop = heapq.heappop
 
 
+cdef inline int _size_class(Py_ssize_t size) noexcept:
+    return 0 if size == SMALL_BUFFER else 1 if size == LARGE_BUFFER else -1
+
+
 cdef class Handle:
 
     def __cinit__(self):
@@ -136,9 +140,13 @@ cdef class Loop:
         self.update_time()
 
     def __dealloc__(self):
+        cdef int k, i
         if self.epfd >= 0:
             close(self.epfd)
         free(self.evbuf)
+        for k in range(2):
+            for i in range(self.nspares[k]):
+                free(self.spares[k][i])
 
     cdef double update_time(self):
         cdef timespec ts
@@ -150,6 +158,28 @@ cdef class Loop:
         self.seq += 1
         h.heap_deadline = when
         _heappush(self.timers, (when, self.seq, h))
+
+    # Receive buffers: a connection holds one only while bytes are pending, so most requests
+    # take one and give it back; a few spares of the two sizes in use (a client's first
+    # buffer, an upstream's) save a malloc/free pair per read.
+    cdef unsigned char *take_buffer(self, Py_ssize_t size) except NULL:
+        cdef int k = _size_class(size)
+        cdef void *buf
+        if k >= 0 and self.nspares[k] > 0:
+            self.nspares[k] -= 1
+            return <unsigned char *>self.spares[k][self.nspares[k]]
+        buf = malloc(size)
+        if buf == NULL:
+            raise MemoryError()
+        return <unsigned char *>buf
+
+    cdef void give_buffer(self, unsigned char *buf, Py_ssize_t size) noexcept:
+        cdef int k = _size_class(size)
+        if k >= 0 and self.nspares[k] < 16:
+            self.spares[k][self.nspares[k]] = buf
+            self.nspares[k] += 1
+        else:
+            free(buf)
 
     cdef int run_timers(self) except -1:
         cdef Handle h

@@ -34,3 +34,6 @@ cdef class Pipe:
     cdef int flush(self, int fd) except -2
     cdef void clear(self)
     cdef int _pull(self, object src) except -1
+
+
+cdef bytes join_bytes(list parts)

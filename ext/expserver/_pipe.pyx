@@ -17,6 +17,8 @@ passes MSG_MORE when a file follows, so a response head and a small file share a
 Ownership: file descriptors in FileSegments belong to the pipe and are closed when sent or
 when the pipe is cleared.
 """
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
 from expserver._sys cimport *
 
 DEF MAX_IOV = 64
@@ -24,6 +26,21 @@ DEF SENDFILE_CHUNK = 1048576
 
 cdef bytes CHUNK_END = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+
+
+cdef bytes join_bytes(list parts):
+    """``b"".join(parts)`` for a list of bytes, without a buffer request per part."""
+    cdef Py_ssize_t size = 0
+    cdef bytes b, out
+    cdef char *q
+    for b in parts:
+        size += len(b)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    q = PyBytes_AS_STRING(out)
+    for b in parts:
+        memcpy(q, PyBytes_AS_STRING(b), len(b))
+        q += len(b)
+    return out
 
 
 cdef class FileSegment:

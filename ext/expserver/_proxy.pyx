@@ -30,17 +30,16 @@ Ownership: an Upstream belongs to its Exchange while active, to its route's pool
 import socket
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport free
 from libc.string cimport memchr, memcpy, memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
-from expserver._loop cimport Loop, Handle
-from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._loop cimport Loop, Handle, LARGE_BUFFER
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
 from expserver._http cimport (Parser, Request, AGAIN, FieldLine, field_line, lower_bytes,
                               ieq)
 from expserver._conn cimport Connection, Deferred
 
-DEF RBUF_SIZE = 65536
 DEF MAX_STATUS_LINE = 8192
 DEF MAX_POOL = 1024             # idle connections per peer, whatever the peak
 
@@ -317,7 +316,7 @@ cdef class ProxyRoute:
         up.state = U_IDLE
         up.ex = None
         if up.rbuf != NULL:
-            free(up.rbuf)               # an idle connection holds no buffer
+            up.loop.give_buffer(up.rbuf, LARGE_BUFFER)    # an idle connection holds no buffer
             up.rbuf = NULL
         pool.append(up)
         up.watch(EPOLLIN)             # an idle upstream that closes or talks is dropped
@@ -441,20 +440,18 @@ cdef class Upstream(Handle):
     cdef int read(self) except -1:
         cdef ssize_t n
         if self.rbuf == NULL:
-            self.rbuf = <unsigned char *>malloc(RBUF_SIZE)
-            if self.rbuf == NULL:
-                raise MemoryError()
+            self.rbuf = self.loop.take_buffer(LARGE_BUFFER)
             self.rstart = self.rend = 0
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
-        if self.rend == RBUF_SIZE:
+        if self.rend == LARGE_BUFFER:
             if self.rstart == 0:
                 _ex(self).upstream_failed(self, True, 502)    # a head larger than the buffer
                 return 0
             memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
             self.rend -= self.rstart
             self.rstart = 0
-        n = recv(self.fd, self.rbuf + self.rend, RBUF_SIZE - self.rend, 0)
+        n = recv(self.fd, self.rbuf + self.rend, LARGE_BUFFER - self.rend, 0)
         if n > 0:
             self.rend += n
             self.set_deadline(self.loop.now + self.route.read_timeout)
@@ -489,7 +486,7 @@ cdef class Upstream(Handle):
         self.out.clear()
         self.ex = None
         if self.rbuf != NULL:
-            free(self.rbuf)
+            self.loop.give_buffer(self.rbuf, LARGE_BUFFER)
             self.rbuf = NULL
 
 
@@ -643,11 +640,11 @@ cdef class Exchange(Deferred):
             mode = host                     # the client's Host
         elif mode is None or mode == b"":
             self.host_per_peer = True       # the peer's address (none from an HTTP/1.0 client)
-            return b"".join(out)
+            return join_bytes(out)
         out.append(b"Host: ")
         out.append(mode)
         out.append(b"\r\n\r\n")
-        return b"".join(out)
+        return join_bytes(out)
 
     cdef bytes peer_host_line(self, object peer):
         address = peer.address              # "host:port", IPv6 in brackets
