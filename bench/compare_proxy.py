@@ -31,6 +31,7 @@ import http.client
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -67,6 +68,11 @@ class Round:
     def new_conns_per_1k(self) -> float:
         return 1000 * self.upstream.get("accepts", 0) / max(1, self.upstream.get("requests", 0))
 
+    @property
+    def cpu_us_per_request(self) -> float:
+        """The proxy's CPU time per request: its cost, whatever else slowed the round."""
+        return 1e6 * self.proc_cpu.get("proxy", 0.0) / max(1.0, self.wrk.req_per_sec)
+
 
 @dataclass
 class Result:
@@ -76,6 +82,14 @@ class Result:
     best: dict[str, Round]
     skipped: str | None = None      # nothing measured (a check failed, a proxy died early)
     incomplete: str | None = None   # some rounds measured, then a proxy failed
+
+    def paired_ratios(self) -> list[float]:
+        """expserver/nginx of each pair of back-to-back rounds (exp, nginx, exp, nginx...):
+        neighbours share the machine's state, so their ratio drifts far less than the
+        best rounds, which may come from different moments of a busy machine."""
+        exp = [r for r in self.rounds if r.wrk.server == "expserver"]
+        ngx = [r for r in self.rounds if r.wrk.server == "nginx"]
+        return [e.wrk.req_per_sec / n.wrk.req_per_sec for e, n in zip(exp, ngx)]
 
 
 # --------------------------------------------------------------------------- configs
@@ -245,18 +259,20 @@ def failure(name: str, server: h.Server, exc: Exception) -> str:
 
 def fmt_table(results: list[Result], proxy_has_own_cpu: bool = True) -> str:
     head = ("scenario", "expserver req/s", "nginx req/s", "ratio exp/nginx",
-            "expserver p99", "nginx p99", "proxy CPU exp/nginx",
-            "new upstream conns per 1k req exp/nginx")
+            "paired ratio (median)", "expserver p99", "nginx p99", "proxy CPU exp/nginx",
+            "proxy CPU us/req exp/nginx", "new upstream conns per 1k req exp/nginx")
     rows = [head]
     for r in results:
         if r.skipped:
-            rows.append((r.scenario, "skipped", "-", "-", "-", "-", "-", "-"))
+            rows.append((r.scenario, "skipped") + ("-",) * (len(head) - 2))
             continue
         e, n = r.best["expserver"], r.best["nginx"]
         rows.append((r.scenario, f"{e.wrk.req_per_sec:,.0f}", f"{n.wrk.req_per_sec:,.0f}",
-                     f"{e.wrk.req_per_sec / n.wrk.req_per_sec:.2f}", f"{e.wrk.p99_ms:.2f} ms",
+                     f"{e.wrk.req_per_sec / n.wrk.req_per_sec:.2f}",
+                     f"{statistics.median(r.paired_ratios()):.2f}", f"{e.wrk.p99_ms:.2f} ms",
                      f"{n.wrk.p99_ms:.2f} ms",
                      f"{e.proc_cpu['proxy']:.0%} / {n.proc_cpu['proxy']:.0%}",
+                     f"{e.cpu_us_per_request:.1f} / {n.cpu_us_per_request:.1f}",
                      f"{e.new_conns_per_1k:.1f} / {n.new_conns_per_1k:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w)

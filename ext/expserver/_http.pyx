@@ -179,7 +179,8 @@ cdef inline bytes _method_bytes(const unsigned char *p, Py_ssize_t n):
     return PyBytes_FromStringAndSize(<const char *>p, n)
 
 
-cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t limit) noexcept nogil:
+cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start,
+                          Py_ssize_t limit) noexcept nogil:
     """The spans of a validated field line (``name:OWS value OWS CRLF``) at p[start:]."""
     cdef FieldLine f
     f.end = <const unsigned char *>memchr(p + start, 13, limit - start) - p

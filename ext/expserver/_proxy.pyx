@@ -13,9 +13,11 @@ it; while that pipe is over its threshold ``body_full`` is true and the client c
 stops reading. When the upstream drains its pipe it lets the client connection go on.
 
 The upstream's response head is scanned in the Upstream's own buffer (status line here,
-field lines by the shared ``Parser``), hop-by-hop fields are dropped, the body is re-framed
-for the client (Content-Length kept; chunked or close-delimited become chunked for HTTP/1.1
-clients, close-delimited for HTTP/1.0 ones) and pushed into the client's pipe as it arrives.
+field lines by the shared ``Parser``); ``scan_fields`` reads its framing in C, and
+``relay_head`` copies the end-to-end field lines as they came, byte for byte, into the one
+``bytes`` the client gets (no object per field). The body is re-framed for the client
+(Content-Length kept; chunked or close-delimited become chunked for HTTP/1.1 clients,
+close-delimited for HTTP/1.0 ones) and pushed into the client's pipe as it arrives.
 While that pipe is over its threshold the Upstream stops reading (``paused``); the client
 connection calls ``on_drain`` when it has room again. So neither side ever makes us buffer a
 whole body: memory per exchange is bounded by two pipe thresholds and two read buffers.
@@ -771,7 +773,8 @@ cdef class Exchange(Deferred):
                           Py_ssize_t end) except -1:
         """101 Switching Protocols: relay its head, then bytes both ways until a close."""
         cdef ResponseHead h = up.head
-        cdef bytes tail = b"Connection: upgrade\r\nUpgrade: %b\r\n\r\n" % (h.upgrade or b"websocket")
+        cdef bytes tail = (b"Connection: upgrade\r\nUpgrade: %b\r\n\r\n"
+                           % (h.upgrade or b"websocket"))
         self.tunnel = True
         self.close_down = True
         self.head_sent = True

@@ -238,6 +238,22 @@ def test_hop_by_hop_response_fields_are_removed(proxy, up, version):
         assert "transfer-encoding" not in resp.names              # 1.0: delimited by close
 
 
+def test_relayed_head_is_the_upstreams_bytes_less_hop_by_hop_lines(proxy, up):
+    """The head a client gets is the upstream's own lines, spelling and order kept; a field
+    named by any of its Connection fields goes, wherever it stands and however it is cased."""
+    reply = (b"HTTP/1.0 299 Odd  Reason \r\nx-LOWER: as Sent \r\nX-Named: a\r\n"
+             b"connection: keep-alive\r\nCONNECTION: x-named, X-Other\r\nx-other: b\r\n"
+             b"content-length: 3\r\nkeep-alive: timeout=5\r\nSet-Cookie: c=1\r\n\r\nabc")
+    served = proxy(up(http(lambda req, conn: reply)))
+    with Client(served) as c:
+        c.send(b"GET /h HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        lines = iter(c.reader._line, b"")
+        head = b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+        assert c.reader._exactly(3) == b"abc"
+    assert head == (b"HTTP/1.1 299 Odd  Reason \r\nx-LOWER: as Sent \r\n"
+                    b"content-length: 3\r\nSet-Cookie: c=1\r\n\r\n")
+
+
 def test_hop_by_hop_request_fields_are_removed_and_forwarded_fields_added(proxy, up):
     u = up(http(echo_target))
     served = proxy(u)
