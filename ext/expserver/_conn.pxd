@@ -57,6 +57,7 @@ cdef class Connection(Handle):
     cdef Core core
     cdef public Settings settings
     cdef public str peer
+    cdef bytes peer_ascii      # the same, for the proxy's X-Forwarded-For
     cdef unsigned char *rbuf
     cdef Py_ssize_t rcap, rstart, rend
     cdef Parser parser

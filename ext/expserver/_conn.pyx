@@ -240,6 +240,7 @@ cdef class Connection(Handle):
         self.loop = listener.loop
         self.fd = fd
         self.peer = peer
+        self.peer_ascii = peer.encode("ascii")
         self.parser = Parser(self.settings.max_line, self.settings.max_field,
                              self.settings.max_head, self.settings.max_fields)
         self.out = Pipe(self.settings.pipe_threshold)

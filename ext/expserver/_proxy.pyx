@@ -31,13 +31,14 @@ Ownership: an Upstream belongs to its Exchange while active, to its route's pool
 """
 import socket
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdio cimport snprintf
 from libc.stdlib cimport free
 from libc.string cimport memchr, memcpy, memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, LARGE_BUFFER
-from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
 from expserver._http cimport (Parser, Request, AGAIN, FieldLine, field_line, lower_bytes,
                               ieq)
 from expserver._conn cimport Connection, Deferred
@@ -69,6 +70,21 @@ cdef frozenset REWRITTEN = HOP_BY_HOP | frozenset([
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"])
 cdef frozenset NO_PEERS = frozenset()
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+cdef struct Writer:
+    char *buf           # NULL: only count the bytes
+    Py_ssize_t size
+
+
+cdef inline void put_c(Writer *w, const char *p, Py_ssize_t n) noexcept:
+    if w.buf != NULL:
+        memcpy(w.buf + w.size, p, n)
+    w.size += n
+
+
+cdef inline void put(Writer *w, bytes b) noexcept:
+    put_c(w, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
 
 cdef set _tokens(bytes value):
     """Lower-case tokens of a comma-separated field value."""
@@ -581,19 +597,12 @@ cdef class Exchange(Deferred):
         """The request head for the upstream; without its Host line and end when the Host
         depends on the peer (``host_per_peer``)."""
         cdef Request req = self.req
-        cdef list out = [req.method, b" "]
         cdef set named = None                   # other fields the client's Connection names
         cdef bytes name, value, forwarded = None, host = None, upgrade = None
         cdef tuple field
         cdef object mode = self.route.host_header
-        if PyBytes_AS_STRING(req.target)[0] == 47:
-            out.append(req.target)          # origin-form: exactly as the client sent it
-        else:
-            out.append(req.path)            # absolute-form becomes origin-form
-            if req.query:
-                out.append(b"?")
-                out.append(req.query)
-        out.append(b" HTTP/1.1\r\n")
+        cdef Writer w
+        cdef bytes out
         for field in req.headers:
             name = <bytes>field[0]
             if name not in REWRITTEN:
@@ -611,42 +620,70 @@ cdef class Exchange(Deferred):
                 forwarded = value if forwarded is None else forwarded + b", " + value
             elif name == b"host" and host is None:
                 host = value
-        for field in req.headers:
-            name = <bytes>field[0]
-            if name not in REWRITTEN and (named is None or name not in named):
-                out.append(name)
-                out.append(b": ")
-                out.append(<bytes>field[1])
-                out.append(CRLF)
-        out.append(b"X-Forwarded-For: ")
-        if forwarded:
-            out.append(forwarded)
-            out.append(b", ")
-        out.append(req.peer.encode("ascii"))
-        out.append(b"\r\nX-Forwarded-Proto: http\r\n")
-        if host is not None:
-            out.append(b"X-Forwarded-Host: ")
-            out.append(host)
-            out.append(CRLF)
-        if req.chunked:
-            out.append(TE_CHUNKED)
-        elif req.content_length >= 0:
-            out.append(b"Content-Length: %d\r\n" % req.content_length)
         # Upgrade is hop-by-hop: it is passed on only as the client's explicit request
         self.upgrade = self.upgrade and upgrade is not None and req.version == 11
-        if self.upgrade:
-            out.append(b"Connection: upgrade\r\nUpgrade: ")
-            out.append(upgrade)
-            out.append(CRLF)
         if mode is None and host is not None:
             mode = host                     # the client's Host
         elif mode is None or mode == b"":
-            self.host_per_peer = True       # the peer's address (none from an HTTP/1.0 client)
-            return join_bytes(out)
-        out.append(b"Host: ")
-        out.append(mode)
-        out.append(b"\r\n\r\n")
-        return join_bytes(out)
+            mode = None                     # the peer's address (none from an HTTP/1.0 client)
+            self.host_per_peer = True
+        # measured, then written, by the same code: one allocation, no list of pieces
+        w.buf = NULL
+        w.size = 0
+        self.write_head(&w, named, forwarded, host, upgrade, mode)
+        out = PyBytes_FromStringAndSize(NULL, w.size)
+        w.buf = PyBytes_AS_STRING(out)
+        w.size = 0
+        self.write_head(&w, named, forwarded, host, upgrade, mode)
+        return out
+
+    cdef int write_head(self, Writer *w, set named, bytes forwarded, bytes host, bytes upgrade,
+                        bytes host_line) except -1:
+        cdef Request req = self.req
+        cdef bytes name
+        cdef tuple field
+        cdef char digits[24]
+        put(w, req.method)
+        put_c(w, b" ", 1)
+        if PyBytes_AS_STRING(req.target)[0] == 47:
+            put(w, req.target)              # origin-form: exactly as the client sent it
+        else:
+            put(w, req.path)                # absolute-form becomes origin-form
+            if req.query:
+                put_c(w, b"?", 1)
+                put(w, req.query)
+        put_c(w, b" HTTP/1.1\r\n", 11)
+        for field in req.headers:
+            name = <bytes>field[0]
+            if name not in REWRITTEN and (named is None or name not in named):
+                put(w, name)
+                put_c(w, b": ", 2)
+                put(w, <bytes>field[1])
+                put_c(w, b"\r\n", 2)
+        put_c(w, b"X-Forwarded-For: ", 17)
+        if forwarded:
+            put(w, forwarded)
+            put_c(w, b", ", 2)
+        put(w, self.conn.peer_ascii)
+        put_c(w, b"\r\nX-Forwarded-Proto: http\r\n", 27)
+        if host is not None:
+            put_c(w, b"X-Forwarded-Host: ", 18)
+            put(w, host)
+            put_c(w, b"\r\n", 2)
+        if req.chunked:
+            put(w, TE_CHUNKED)
+        elif req.content_length >= 0:
+            put_c(w, b"Content-Length: ", 16)
+            put_c(w, digits, snprintf(digits, 24, "%lld\r\n", req.content_length))
+        if self.upgrade:
+            put_c(w, b"Connection: upgrade\r\nUpgrade: ", 30)
+            put(w, upgrade)
+            put_c(w, b"\r\n", 2)
+        if host_line is not None:
+            put_c(w, b"Host: ", 6)
+            put(w, host_line)
+            put_c(w, b"\r\n\r\n", 4)
+        return 0
 
     cdef bytes peer_host_line(self, object peer):
         address = peer.address              # "host:port", IPv6 in brackets

@@ -510,6 +510,11 @@ BAD_REPLIES = {
     "obs-fold": (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok", "hold"),
     "cl-and-te": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"2\r\nok\r\n0\r\n\r\n", "hold"),
+    "te-gzip": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok", "hold"),
+    "te-twice": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+                 b"\r\n\r\n2\r\nok\r\n0\r\n\r\n", "hold"),
+    "cl-empty": (b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nok", "hold"),
+    "cl-19-digits": (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000000000\r\n\r\nok", "hold"),
     "space-before-colon": (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "hold"),
     "nul-in-field": (b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok", "hold"),
     "bad-status-code": (b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok", "hold"),
