@@ -28,7 +28,6 @@ _SLOT = struct.Struct(f"<{len(FIELDS)}q")
 # Requests are counted per route type; metrics routes too, though they are not published.
 ROUTE_KINDS = ("file_serve", "reverse_proxy", "redirect", "metrics")
 PUBLISH_EVERY = 0.5
-_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -57,16 +56,20 @@ class WorkerMetrics:
         self.board = board
         self.slot = slot
         self.by_kind = dict.fromkeys(ROUTE_KINDS, 0)
-        self._cpu = (time.monotonic(), _cpu_ticks())
+        self._cpu = (time.monotonic(), _cpu_seconds())
+        # Opened once (in the worker: /proc/self is whoever opens it): publishing then needs
+        # no descriptor, so it goes on when the worker has run out of them.
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
 
     def publish(self) -> None:
         s = self.stats
-        now, ticks = time.monotonic(), _cpu_ticks()
+        now, used = time.monotonic(), _cpu_seconds()
         then, before = self._cpu
-        self._cpu = (now, ticks)
-        cpu = round(100 * (ticks - before) / _TICKS / (now - then)) if now > then else 0
+        self._cpu = (now, used)
+        cpu = round(100 * (used - before) / (now - then)) if now > then else 0
+        rss = int(os.pread(self._statm, 256, 0).split()[1]) * _PAGE
         self.board.write(self.slot, (
-            os.getpid(), _rss(), cpu,
+            os.getpid(), rss, cpu,
             s.conn_current, s.conn_accepted, s.conn_error, s.conn_timeout,
             s.conn_accepted_error, s.req_total, self.by_kind["file_serve"],
             self.by_kind["reverse_proxy"], self.by_kind["redirect"],
@@ -76,8 +79,8 @@ class WorkerMetrics:
 
     def start(self, loop: Any) -> None:
         def tick() -> None:
+            loop.call_later(PUBLISH_EVERY, tick)    # first: a failed publish stops nothing
             self.publish()
-            loop.call_later(PUBLISH_EVERY, tick)
         tick()
 
 
@@ -166,15 +169,9 @@ def prometheus(figures: dict[str, Any]) -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def _rss() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def _cpu_ticks() -> int:
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    return int(fields[11]) + int(fields[12])     # utime + stime
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _sys_cpu() -> tuple[int, int]:

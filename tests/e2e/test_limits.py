@@ -1,5 +1,19 @@
-"""Request body limits (max_body_size): 413 from Content-Length; chunked bodies are cut."""
+"""Limits: request bodies (max_body_size: 413 from Content-Length, chunked bodies cut) and
+connections (max_connections, and running out of descriptors: accepting pauses, never spins).
+"""
+import resource
+import select
+import socket
+import time
+
 from .conftest import Reader
+from .test_robustness import cpu_ticks, open_fds
+
+GET = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def answered(sock: socket.socket, within: float) -> bool:
+    return bool(select.select([sock], [], [], within)[0])
 
 
 def test_content_length_over_the_limit_is_413_and_closes(start):
@@ -39,3 +53,53 @@ def test_body_under_the_limit_keeps_the_connection(start):
         assert r.response()[0] == 405
         sock.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
         assert r.response()[0] == 404
+
+
+def test_max_connections_pauses_accepting_until_one_closes(start):
+    served = start(max_connections=3)
+    (served.root / "a.txt").write_bytes(b"a")
+    held = [served.connect() for _ in range(3)]
+    for sock in held:
+        sock.sendall(GET)
+        assert Reader(sock).response()[0] == 200       # three idle keep-alive connections
+    waiting = served.connect()                         # queued by the kernel, not accepted
+    try:
+        waiting.sendall(GET)
+        ticks = cpu_ticks(served.server.pid)
+        assert not answered(waiting, 1.0)
+        assert cpu_ticks(served.server.pid) - ticks < 20, "the paused listener spun"
+        held.pop().close()
+        assert answered(waiting, 3.0)
+        assert Reader(waiting).response()[::2] == (200, b"a")
+    finally:
+        waiting.close()
+        for sock in held:
+            sock.close()
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning(start):
+    """At RLIMIT_NOFILE, accept fails with EMFILE: the listener waits instead of retrying
+    at once, and serves the queued clients as soon as descriptors are free again."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        served = start()                               # the child inherits the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    (served.root / "a.txt").write_bytes(b"a")
+    socks = [served.connect() for _ in range(80)]      # more than the server can hold
+    try:
+        time.sleep(0.5)
+        assert open_fds(served.server.pid) >= 60       # it is at its limit
+        ticks = cpu_ticks(served.server.pid)
+        time.sleep(1.0)
+        assert cpu_ticks(served.server.pid) - ticks < 20, "accept spun on EMFILE"
+        for sock in socks[:40]:
+            sock.close()
+        late = socks[-1]                               # among those the kernel queued
+        late.sendall(GET)
+        assert answered(late, 3.0)
+        assert Reader(late).response()[::2] == (200, b"a")
+    finally:
+        for sock in socks:
+            sock.close()
