@@ -263,6 +263,12 @@ cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_
     return out
 
 
+cdef class PeerPool:
+    """A peer's idle upstream connections, and the most requests it had in flight at once."""
+    cdef list idle
+    cdef Py_ssize_t peak
+
+
 cdef class ProxyRoute:
     """The handler of one reverse_proxy route (built by expserver.proxy from the config)."""
     cdef public object balancer
@@ -274,8 +280,7 @@ cdef class ProxyRoute:
     cdef public Py_ssize_t threshold
     cdef public long long max_body    # the route's max_body_size (0: no limit)
     cdef public double body_timeout   # the route's client body timeout
-    cdef dict pools                    # peer -> [idle Upstream]
-    cdef dict peaks                    # peer -> most requests it had in flight at once
+    cdef dict pools                    # peer -> PeerPool
     cdef dict addrs                    # peer -> (family, sockaddr)
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
@@ -285,7 +290,6 @@ cdef class ProxyRoute:
         self.balancer = balancer
         self.addrs = addrs          # shared with the health probe and the resolver
         self.pools = {}
-        self.peaks = {}
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.send_timeout = send_timeout
@@ -307,13 +311,19 @@ cdef class ProxyRoute:
         self.addrs[peer] = addr
 
     def idle_count(self):
-        return sum(len(v) for v in self.pools.values())
+        return sum(len((<PeerPool>p).idle) for p in self.pools.values())
 
-    cdef Upstream take_idle(self, object peer):
-        cdef list pool = self.pools.get(peer)
+    cdef PeerPool pool_of(self, object peer):
+        cdef PeerPool pool = self.pools.get(peer)
+        if pool is None:
+            pool = self.pools[peer] = PeerPool.__new__(PeerPool)
+            pool.idle = []
+        return pool
+
+    cdef Upstream take_idle(self, PeerPool pool):
         cdef Upstream up
-        while pool:
-            up = <Upstream>pool.pop()
+        while pool.idle:
+            up = <Upstream>pool.idle.pop()
             if up.state == U_IDLE:
                 return up
         return None
@@ -322,13 +332,11 @@ cdef class ProxyRoute:
         # The pool holds at least ``keepalive`` idle connections, and as many as the peer's
         # peak concurrency (up to MAX_POOL): a fixed pool smaller than the load (nginx's
         # keepalive N) would make most requests connect anew. Idle ones expire.
-        cdef list pool = self.pools.get(up.peer)
+        cdef PeerPool pool = up.pool
         cdef Py_ssize_t cap = 0
         if self.keepalive > 0:
-            cap = max(self.keepalive, min(<Py_ssize_t>self.peaks.get(up.peer, 0), MAX_POOL))
-        if pool is None:
-            pool = self.pools[up.peer] = []
-        if len(pool) >= cap:
+            cap = max(self.keepalive, min(pool.peak, MAX_POOL))
+        if len(pool.idle) >= cap:
             up.close()
             return 0
         up.state = U_IDLE
@@ -336,14 +344,13 @@ cdef class ProxyRoute:
         if up.rbuf != NULL:
             up.loop.give_buffer(up.rbuf, LARGE_BUFFER)    # an idle connection holds no buffer
             up.rbuf = NULL
-        pool.append(up)
+        pool.idle.append(up)
         up.watch(EPOLLIN)             # an idle upstream that closes or talks is dropped
         up.set_deadline((<Loop>self.loop).now + self.idle_timeout)
 
     cdef int forget(self, Upstream up) except -1:
-        cdef list pool = self.pools.get(up.peer)
-        if pool is not None and up in pool:
-            pool.remove(up)
+        if up in up.pool.idle:
+            up.pool.idle.remove(up)
 
 
 cdef inline Exchange _ex(Upstream up):
@@ -355,6 +362,7 @@ cdef inline Exchange _ex(Upstream up):
 cdef class Upstream(Handle):
     cdef ProxyRoute route
     cdef object peer
+    cdef PeerPool pool         # the peer's, where it waits while idle
     cdef object sock
     cdef Exchange ex
     cdef int state
@@ -707,13 +715,16 @@ cdef class Exchange(Deferred):
         cdef Upstream up = None
         cdef ProxyRoute route = self.route
         cdef Loop loop = <Loop>route.loop
+        cdef PeerPool pool = route.pool_of(peer)
+        cdef Py_ssize_t active
         if pooled:
-            up = route.take_idle(peer)
+            up = route.take_idle(pool)
         if up is None:
             up = Upstream.__new__(Upstream)
             up.loop = loop
             up.route = route
             up.peer = peer
+            up.pool = pool
             up.out = Pipe(route.threshold)
             up.parser = Parser(8192, 8192, 65536, 100)
             up.ex = self
@@ -725,9 +736,10 @@ cdef class Exchange(Deferred):
             up.paused = False
             up.head = None
             up.body_started = False
-        peer.active += 1
-        if peer.active > route.peaks.get(peer, 0):
-            route.peaks[peer] = peer.active
+        active = peer.active + 1
+        peer.active = active
+        if active > pool.peak:
+            pool.peak = active
         self.up = up
         up.out.push(self.head_bytes + self.peer_host_line(peer) if self.host_per_peer
                     else self.head_bytes)
@@ -793,10 +805,12 @@ cdef class Exchange(Deferred):
                 return self.cut(up)      # invalid framing mid-body: never a fake end
             up.rstart += used
             self.relay(chunks)
-            if self.finished:
-                return 0                # relaying found the client gone
             if up.parser.body_done():
-                return self.complete(up)
+                return self.complete(up)    # which sends it (head and body in one write)
+            if chunks:
+                self.conn.flush()
+                if self.finished:
+                    return 0                # sending found the client gone
             if used == 0:
                 break
         if not self.finished:
@@ -863,8 +877,6 @@ cdef class Exchange(Deferred):
         for c in chunks:
             if c:
                 out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_down else c)
-        if chunks:
-            self.conn.flush()
 
     cdef int on_upstream_eof(self, Upstream up) except -1:
         if self.finished:
