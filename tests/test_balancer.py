@@ -256,6 +256,18 @@ def test_a_single_upstream_is_never_marked_down() -> None:
     assert balancer.pick("ip", 0.0) is a
 
 
+@pytest.mark.parametrize("method", LB_METHODS)
+def test_a_single_upstream_is_picked_unless_unhealthy_or_tried(method: str) -> None:
+    balancer = Balancer([up("a", 3)], method)
+    (a,) = balancer.peers
+    assert [balancer.pick(ip, 0.0) for ip in random_ips(5)] == [a] * 5
+    assert balancer.pick("ip", 0.0, exclude={a}) is None       # this request already tried it
+    a.healthy = False
+    assert balancer.pick("ip", 0.0) is None                    # its health check says no
+    a.healthy = True
+    assert balancer.pick("ip", 1.0) is a
+
+
 def test_failed_peer_earns_its_weight_back_gradually() -> None:
     balancer = Balancer([up("a", 5, max_fails=5), up("b", 5, max_fails=5)])
     a, _ = balancer.peers
