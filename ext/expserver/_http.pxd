@@ -16,6 +16,9 @@ cdef FieldLine field_line(const unsigned char *p, Py_ssize_t start, Py_ssize_t l
 cdef bytes lower_bytes(const unsigned char *p, Py_ssize_t n)
 # p[:n] equals the lower-case literal lit[:m], ignoring ASCII case
 cdef bint ieq(const unsigned char *p, Py_ssize_t n, const char *lit, Py_ssize_t m) noexcept
+# the next element of the comma-separated list p[i:n] as p[s:e]; returns where to go on
+cdef Py_ssize_t list_item(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t *s,
+                          Py_ssize_t *e) noexcept
 # the comma-separated list p[:n] holds the lower-case token tok[:m]
 cdef bint has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept
 

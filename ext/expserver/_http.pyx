@@ -236,18 +236,26 @@ cdef inline bytes _field_name(const unsigned char *p, Py_ssize_t n):
     return lower_bytes(p, n)
 
 
+cdef Py_ssize_t list_item(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t *s,
+                          Py_ssize_t *e) noexcept:
+    """The next element of the comma-separated list p[i:n] (RFC 9110 5.6.1) as p[s:e],
+    without its whitespace (s == e == n when none is left); returns where to go on."""
+    while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 44):
+        i += 1
+    s[0] = i
+    while i < n and p[i] != 44:
+        i += 1
+    e[0] = i
+    while e[0] > s[0] and (p[e[0] - 1] == 32 or p[e[0] - 1] == 9):
+        e[0] -= 1
+    return i
+
+
 cdef bint has_token(const unsigned char *p, Py_ssize_t n, const char *tok, Py_ssize_t m) noexcept:
     """Whether the comma-separated list p[:n] holds ``tok`` (case-insensitive)."""
     cdef Py_ssize_t i = 0, s, e
     while i < n:
-        while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 44):
-            i += 1
-        s = i
-        while i < n and p[i] != 44:
-            i += 1
-        e = i
-        while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
-            e -= 1
+        i = list_item(p, i, n, &s, &e)
         if ieq(p + s, e - s, tok, m):
             return True
     return False
@@ -261,16 +269,9 @@ cdef int _te_status(const unsigned char *p, Py_ssize_t n) noexcept:
     cdef int count = 0, nchunked = 0
     cdef bint last = False
     while i < n:
-        while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 44):
-            i += 1
-        if i == n:
+        i = list_item(p, i, n, &s, &e)
+        if s == e:
             break
-        s = i
-        while i < n and p[i] != 44:
-            i += 1
-        e = i
-        while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
-            e -= 1
         count += 1
         last = ieq(p + s, e - s, b"chunked", 7)
         nchunked += last

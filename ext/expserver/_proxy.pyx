@@ -40,7 +40,7 @@ from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, LARGE_BUFFER
 from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
 from expserver._http cimport (Parser, Request, AGAIN, FieldLine, field_line, lower_bytes,
-                              ieq)
+                              ieq, list_item)
 from expserver._conn cimport Connection, Deferred
 
 DEF MAX_STATUS_LINE = 8192
@@ -191,14 +191,7 @@ cdef int scan_fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end,
         elif kind == F_CONNECTION:
             i = vs
             while i < ve:           # each token: close, keep-alive, or a field to drop
-                while i < ve and (p[i] == 32 or p[i] == 9 or p[i] == 44):
-                    i += 1
-                ts = i
-                while i < ve and p[i] != 44:
-                    i += 1
-                te_ = i
-                while te_ > ts and (p[te_ - 1] == 32 or p[te_ - 1] == 9):
-                    te_ -= 1
+                i = list_item(p, i, ve, &ts, &te_)
                 if ieq(p + ts, te_ - ts, b"close", 5):
                     close = True
                 elif ieq(p + ts, te_ - ts, b"keep-alive", 10):
