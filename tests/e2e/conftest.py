@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -218,3 +219,13 @@ def module_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     code = server.stop()
     assert code == 0, server.stderr.decode()
     assert b"Traceback" not in server.stderr, server.stderr.decode()
+
+
+def start_with_fd_limit(start, limit: int) -> Served:
+    """A default server whose RLIMIT_NOFILE is ``limit`` (as under many service managers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        return start()                      # the child inherits the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,12 +1,11 @@
 """Limits: request bodies (max_body_size: 413 from Content-Length, chunked bodies cut) and
 connections (max_connections, and running out of descriptors: accepting pauses, never spins).
 """
-import resource
 import select
 import socket
 import time
 
-from .conftest import Reader
+from .conftest import Reader, start_with_fd_limit
 from .test_robustness import cpu_ticks, open_fds
 
 GET = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -80,12 +79,7 @@ def test_max_connections_pauses_accepting_until_one_closes(start):
 def test_out_of_descriptors_pauses_accepting_without_spinning(start):
     """At RLIMIT_NOFILE, accept fails with EMFILE: the listener waits instead of retrying
     at once, and serves the queued clients as soon as descriptors are free again."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-    try:
-        served = start()                               # the child inherits the limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    served = start_with_fd_limit(start, 64)
     (served.root / "a.txt").write_bytes(b"a")
     socks = [served.connect() for _ in range(80)]      # more than the server can hold
     try:

@@ -7,7 +7,6 @@ served."""
 from __future__ import annotations
 
 import os
-import resource
 import select
 import socket
 import struct
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import Reader, request
+from .conftest import Reader, request, start_with_fd_limit
 
 HELLO = b"hello\n"
 GET_A = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -467,12 +466,7 @@ def test_client_that_never_reads_holds_few_file_descriptors(served):
 def test_client_that_never_reads_cannot_exhaust_descriptors(start):
     """With a small RLIMIT_NOFILE (as under many service managers), one such client must not
     lock everyone else out."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    try:
-        served = start()                      # the child inherits the limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    served = start_with_fd_limit(start, 256)
     (served.root / "a.txt").write_bytes(HELLO)
     with open(served.root / "big.bin", "wb") as f:
         f.truncate(64 * MiB)
