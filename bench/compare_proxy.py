@@ -95,7 +95,22 @@ class Result:
 # --------------------------------------------------------------------------- configs
 
 
-def write_nginx_proxy_conf(path: Path, workdir: Path, port: int, upstream_port: int) -> None:
+# What nginx adds to the request it sends upstream. "same": the fields expserver sends by
+# default (the client's Host, X-Forwarded-For/Proto/Host), so that the upstream gets the same
+# request from both proxies and the proxies do the same work; "minimal": nginx's defaults
+# (Host: the upstream group's name, nothing else).
+NGINX_FIELDS = {
+    "same": """
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;""",
+    "minimal": "",
+}
+
+
+def write_nginx_proxy_conf(path: Path, workdir: Path, port: int, upstream_port: int,
+                           fields: str = "same") -> None:
     user = "user root;\n" if os.geteuid() == 0 else ""
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
@@ -129,7 +144,7 @@ http {{
         location / {{
             proxy_pass http://u;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";{NGINX_FIELDS[fields]}
         }}
     }}
 }}
@@ -319,6 +334,7 @@ def environment(args: argparse.Namespace, cpus: dict[str, set[int] | None]) -> d
         "pin": args.pin, "affinity": {k: sorted(v) if v else None for k, v in cpus.items()},
         "upstream": "nginx, 1 worker, return 200 with a 1024-byte body (upstream_server.py)",
         "upstream_keepalive": UPSTREAM_KEEPALIVE, "expserver_cmd": args.expserver_cmd,
+        "nginx_fields": args.nginx_fields,
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "cpu_busy_at_start": round(cn.cpu_busy(), 3),
     }
@@ -341,6 +357,9 @@ def main() -> int:
                                                        PIN_LAYOUTS.items()))
     ap.add_argument("--expserver-cmd", default=h.DEFAULT_EXPSERVER_CMD,
                     help="command template with {python} {config}")
+    ap.add_argument("--nginx-fields", choices=sorted(NGINX_FIELDS), default="same",
+                    help="request fields nginx adds: same: expserver's (Host, X-Forwarded-*); "
+                         "minimal: nginx's defaults")
     args = ap.parse_args()
     if args.duration is None:
         args.duration = 2 if args.quick else 10
@@ -366,7 +385,7 @@ def main() -> int:
         ports = {"upstream": h.free_port(), "upstream_status": h.free_port(),
                  "expserver": h.free_port(), "nginx": h.free_port()}
         conf = work / "nginx.conf"
-        write_nginx_proxy_conf(conf, work, ports["nginx"], ports["upstream"])
+        write_nginx_proxy_conf(conf, work, ports["nginx"], ports["upstream"], args.nginx_fields)
         config = work / "expserver.json"
         write_expserver_proxy_config(config, ports["expserver"], ports["upstream"])
 
