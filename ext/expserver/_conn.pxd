@@ -66,6 +66,7 @@ cdef class Connection(Handle):
     cdef bint close_after      # close once the pipe drains
     cdef bint read_eof         # the client shut its sending side
     cdef bint blocked          # the socket is full: waiting for EPOLLOUT
+    cdef bint stalled          # parsing stopped for a full pipe: resume once it has room
     cdef double head_deadline  # total deadline of the head being read (0: none yet)
     cdef double started        # when the current request's head was complete
     cdef Deferred task         # the deferred answer in progress, if any

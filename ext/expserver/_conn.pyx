@@ -352,8 +352,11 @@ cdef class Connection(Handle):
         cdef Deferred task
         while self.rend > self.rstart and self.phase < P_LINGER:
             if self.phase == P_HEAD:
-                if self.close_after or self.out.full():
-                    break               # no new request until the answers before it are out
+                if self.close_after:
+                    break
+                if self.out.full():
+                    self.stalled = True     # no new request until the answers before it are out
+                    break
                 rc = self.parser.scan_head(self.rbuf + self.rstart, self.rend - self.rstart)
                 if rc == AGAIN:
                     break
@@ -560,7 +563,6 @@ cdef class Connection(Handle):
     # ---------------------------------------------------------------- writing
     cdef int flush(self) except -1:
         cdef Deferred task
-        cdef bint was_full = self.out.full()
         cdef long long before = self.out.sent
         cdef int r = self.out.flush(self.fd)
         self.core.stats.send_bytes += self.out.sent - before
@@ -577,9 +579,11 @@ cdef class Connection(Handle):
             if self.close_after:
                 self.start_linger()
                 return 0
-            if was_full and self.rend > self.rstart:
-                # pipelined requests waited for room: parse them on the next loop turn
-                # (no process/flush recursion), the head deadline starting again
+            if self.stalled:
+                # pipelined requests waited for the answers before them to go out (however
+                # many sends that took): parse them on the next loop turn (no process/flush
+                # recursion), the head deadline starting again
+                self.stalled = False
                 self.head_deadline = self.loop.now + self.settings.header_timeout
                 self.loop.call_soon(self.resume)
             if self.read_eof:

@@ -226,10 +226,12 @@ cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_
     when ``with_length``), then ``tail`` (our framing and Connection lines, the empty line).
     p[fields_start:end] holds the field lines and the empty line; p[8] starts " 200 OK"."""
     cdef Py_ssize_t ls, size, n
+    cdef Py_ssize_t status_end = fields_start - 2       # " 200 OK" is p[8:status_end]
+    cdef bint no_reason = status_end == 12              # " 200": the SP is still due
     cdef FieldLine f
     cdef bytes out
     cdef char *q
-    size = fields_start + len(tail)
+    size = fields_start + no_reason + len(tail)
     if head.named is None:
         size += head.relayed + (head.length_line if with_length else 0)
     else:                           # fields named by Connection are left out too
@@ -242,8 +244,13 @@ cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_
     out = PyBytes_FromStringAndSize(NULL, size)
     q = PyBytes_AS_STRING(out)
     memcpy(q, b"HTTP/1.1", 8)
-    memcpy(q + 8, p + 8, fields_start - 8)
-    q += fields_start
+    memcpy(q + 8, p + 8, status_end - 8)
+    q += status_end
+    if no_reason:
+        q[0] = 32                   # status-line = HTTP-version SP status-code SP [reason]
+        q += 1
+    memcpy(q, b"\r\n", 2)
+    q += 2
     ls = fields_start
     while p[ls] != 13:
         f = field_line(p, ls, end)
@@ -603,7 +610,15 @@ cdef class Exchange(Deferred):
         cdef tuple field
         cdef object mode = self.route.host_header
         cdef Writer w
-        cdef bytes out
+        cdef bytes out, target = req.target, authority = None, rest
+        cdef Py_ssize_t end
+        if PyBytes_AS_STRING(target)[0] != 47 and target != b"*":
+            # absolute-form (RFC 9112 3.2.2): the upstream gets the origin-form, and the Host
+            # made from the target's authority, whatever the client's Host field said
+            rest = target[target.index(b"//") + 2:]
+            end = min([i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0] or [len(rest)])
+            authority = rest[:end]
+            target = rest[end:] if rest[end:end + 1] == b"/" else b"/" + rest[end:]
         for field in req.headers:
             name = <bytes>field[0]
             if name not in REWRITTEN:
@@ -621,6 +636,8 @@ cdef class Exchange(Deferred):
                 forwarded = value if forwarded is None else forwarded + b", " + value
             elif name == b"host" and host is None:
                 host = value
+        if authority is not None:
+            host = authority
         # Upgrade is hop-by-hop: it is passed on only as the client's explicit request
         self.upgrade = self.upgrade and upgrade is not None and req.version == 11
         if mode is None and host is not None:
@@ -631,28 +648,22 @@ cdef class Exchange(Deferred):
         # measured, then written, by the same code: one allocation, no list of pieces
         w.buf = NULL
         w.size = 0
-        self.write_head(&w, named, forwarded, host, upgrade, mode)
+        self.write_head(&w, target, named, forwarded, host, upgrade, mode)
         out = PyBytes_FromStringAndSize(NULL, w.size)
         w.buf = PyBytes_AS_STRING(out)
         w.size = 0
-        self.write_head(&w, named, forwarded, host, upgrade, mode)
+        self.write_head(&w, target, named, forwarded, host, upgrade, mode)
         return out
 
-    cdef int write_head(self, Writer *w, set named, bytes forwarded, bytes host, bytes upgrade,
-                        bytes host_line) except -1:
+    cdef int write_head(self, Writer *w, bytes target, set named, bytes forwarded, bytes host,
+                        bytes upgrade, bytes host_line) except -1:
         cdef Request req = self.req
         cdef bytes name
         cdef tuple field
         cdef char digits[24]
         put(w, req.method)
         put_c(w, b" ", 1)
-        if PyBytes_AS_STRING(req.target)[0] == 47:
-            put(w, req.target)              # origin-form: exactly as the client sent it
-        else:
-            put(w, req.path)                # absolute-form becomes origin-form
-            if req.query:
-                put_c(w, b"?", 1)
-                put(w, req.query)
+        put(w, target)                      # as the client sent it (absolute-form: its path)
         put_c(w, b" HTTP/1.1\r\n", 11)
         for field in req.headers:
             name = <bytes>field[0]

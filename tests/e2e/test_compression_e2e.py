@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import socket
 import subprocess
 import time
 
@@ -336,3 +337,29 @@ def test_listing_compressed(start, tmp_path):
     assert headers["content-encoding"] == "gzip"
     assert headers["vary"] == "Accept-Encoding"
     assert gzip.decompress(body) == plain[2]
+
+
+def test_pipelined_requests_behind_a_large_cached_body_are_answered(start, tmp_path):
+    """A compressed body from the cache goes out as one piece of memory larger than the
+    pipe: the requests queued behind it must be answered as soon as it has been sent, not
+    at the header deadline."""
+    root = tmp_path / "www"
+    root.mkdir()
+    served = start(routes=route(root, gzip_enable=True), header_timeout=60)
+    data = text(8 * 1024 * 1024)
+    (root / "big.html").write_bytes(data)
+    (root / "a.txt").write_bytes(b"a")
+    assert get(served, "/big.html", "Accept-Encoding: gzip")[0] == 200   # now cached
+    big = b"GET /big.html HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"
+    with served.connect(timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(big * 2 + b"GET /a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)                     # the server fills the socket and waits
+        r = Reader(sock, timeout=10)
+        started = time.monotonic()
+        for _ in range(2):
+            status, headers, body = r.response()
+            assert (status, headers["content-encoding"]) == (200, "gzip")
+            assert gzip.decompress(body) == data
+        assert r.response()[::2] == (200, b"a")
+        assert time.monotonic() - started < 8

@@ -330,6 +330,37 @@ def test_request_line_reaches_upstream_exactly(proxy, up, method, target, body):
     assert req.body == body
 
 
+@pytest.mark.parametrize("target, origin_form", [
+    (b"http://a.example:81/p/q?x=1", b"/p/q?x=1"),
+    (b"http://a.example:81?x=1", b"/?x=1"),
+    (b"http://a.example:81", b"/"),
+    (b"http://a.example:81/p?", b"/p?"),
+])
+def test_absolute_form_goes_upstream_in_origin_form_with_its_authority(proxy, up, target,
+                                                                        origin_form):
+    """RFC 9112 3.2.2: a proxy makes the Host from an absolute-form target, not from the
+    client's Host field."""
+    u = up(http(echo_target))
+    served = proxy(u)
+    with Client(served) as c:
+        c.send(b"GET %s HTTP/1.1\r\nHost: other.example\r\n\r\n" % target)
+        assert c.read().status == 200
+    (req,) = u.requests
+    assert req.target == origin_form
+    assert req.all(b"host") == [b"a.example:81"]
+    assert req.all(b"x-forwarded-host") == [b"a.example:81"]
+
+
+def test_status_line_without_a_reason_keeps_its_space(proxy, up):
+    """RFC 9112 4: status-line = HTTP-version SP status-code SP [reason-phrase]."""
+    served = proxy(up(http(lambda req, conn: b"HTTP/1.1 299\r\nContent-Length: 2\r\n\r\nok")))
+    with Client(served) as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        assert c.reader._line() == b"HTTP/1.1 299 "
+        assert list(iter(c.reader._line, b"")) == [b"Content-Length: 2"]
+        assert c.reader._exactly(2) == b"ok"
+
+
 # ---------------------------------------------------------------------------- framing
 
 BIG_PARTS = [bytes([65 + i % 26]) * (1000 + 7919 * i % 30000) for i in range(20)]
