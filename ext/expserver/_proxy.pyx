@@ -851,6 +851,7 @@ cdef class Exchange(Deferred):
         cdef Request req = self.req
         cdef bint head_only = req.method == b"HEAD"
         cdef bint with_length = False
+        cdef int connection             # the Connection line we add: none, close, keep-alive
         self.no_body = head_only or h.status == 204 or h.status == 304
         if self.no_body:
             with_length = head_only and h.length >= 0
@@ -867,8 +868,9 @@ cdef class Exchange(Deferred):
             up.parser.start_framing(h.chunked, -1, not h.chunked)
         if not req.keep_alive or self.conn.close_after:
             self.close_down = True
-        self.conn.out.push(relay_head(p, fields_start, end, h, with_length, HEAD_TAILS[
-            self.chunked_down * 3 + (1 if self.close_down else 2 if req.version == 10 else 0)]))
+        connection = 1 if self.close_down else 2 if req.version == 10 else 0
+        self.conn.out.push(relay_head(p, fields_start, end, h, with_length,
+                                      HEAD_TAILS[self.chunked_down * 3 + connection]))
         self.conn.count(h.status)
         self.head_sent = True
         up.peer.succeeded()
