@@ -10,33 +10,52 @@ Theory of operation
   never points at freed memory.
 * Level-triggered: a handle that stops wanting input (its output pipe is full) drops
   EPOLLIN from its interest; it is never left readable-but-ignored, which would spin.
-* Timers: each Handle has one ``deadline``. Moving a deadline later (every keep-alive
-  request does) is a field write; the heap entry stays and, when it comes due, is re-pushed
-  at the new deadline. Only an earlier deadline pushes a new entry; the old one is then
-  stale (its time differs from ``heap_deadline``) and is dropped when popped. So arming is
-  O(1) or O(log n) and nothing ever scans all connections.
-* Signals: Python's ``signal.set_wakeup_fd`` writes to a pipe the loop watches; the
-  handlers themselves are plain Python functions run by ``PyErr_CheckSignals`` right after
-  ``epoll_wait`` returns. They only set flags or call ``stop``; the loop acts.
-* The GIL is released only around ``epoll_wait``. Callbacks never let an exception escape
-  into the loop's C code: an exception from a handle is logged and that handle is closed.
+* Timers: an intrusive binary heap of Handles (a C array of owned references; each handle
+  knows its ``heap_index``), so a handle is in the heap at most once and leaves it the moment
+  its deadline is cancelled: a closed connection leaves nothing behind, whatever its deadline
+  was. Invariant: a handle's entry has ``key <= deadline``. Moving a deadline later
+  (every keep-alive request does) is a field write; when the stale key comes due the handle
+  is re-keyed at its real deadline (one sift-down). An earlier deadline sifts up; cancelling
+  (deadline 0) removes the entry. So arming, re-arming and cancelling are O(1) or O(log n),
+  and nothing ever scans all connections. Equal deadlines fire in arming order.
+* Signals: Python's ``signal.set_wakeup_fd`` writes to a pipe the loop watches; the Python
+  handlers run by ``PyErr_CheckSignals`` after ``epoll_wait`` only append the signal number
+  to ``signals``; the loop then calls ``on_signal`` for each, between two batches of events.
+* The GIL is released only around ``epoll_wait``. Nothing raises through the loop: an
+  exception from a handle's callback goes to that handle's ``on_error`` (by default: logged
+  once with the handle's description, and the handle closed); from a deferred callback, it
+  is logged. The loop itself goes on.
+* Time: ``now`` is the monotonic clock read once per iteration. Tests may ``freeze_time``
+  and ``advance`` it by hand, and step the loop with ``run_once``: no sleeping.
 """
-import heapq
 import os
 import signal
-import sys
-import traceback
 
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdlib cimport malloc, free
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.stdlib cimport malloc, realloc, free
 from expserver._sys cimport *
 
-cdef object _heappush = heapq.heappush
-cdef object _heappop = heapq.heappop
+from expserver import log
+
+DEF HEAP_MIN = 64
 
 
 cdef inline int _size_class(Py_ssize_t size) noexcept:
     return 0 if size == SMALL_BUFFER else 1 if size == LARGE_BUFFER else -1
+
+
+cdef inline bint _before(TimerEntry *heap, Py_ssize_t i, Py_ssize_t j) noexcept:
+    return heap[i].key < heap[j].key or (heap[i].key == heap[j].key and heap[i].seq < heap[j].seq)
+
+
+cdef inline void _swap(TimerEntry *heap, Py_ssize_t i, Py_ssize_t j) noexcept:
+    cdef TimerEntry t = heap[i]
+    heap[i] = heap[j]
+    heap[j] = t
+    (<Handle>heap[i].handle).heap_index = i
+    (<Handle>heap[j].handle).heap_index = j
 
 
 cdef class Handle:
@@ -44,7 +63,7 @@ cdef class Handle:
     def __cinit__(self):
         self.fd = -1
         self.deadline = 0
-        self.heap_deadline = 0
+        self.heap_index = -1
         self.interest = 0
 
     cdef int on_events(self, uint32_t events) except -1:
@@ -53,10 +72,34 @@ cdef class Handle:
     cdef int on_timeout(self) except -1:
         return 0
 
+    cdef int on_error(self, BaseException exc) except -1:
+        """An exception escaped one of this handle's callbacks: say so once, and close it.
+        Subclasses that owe someone an answer override this to give it first."""
+        log.exception(f"internal error in {self.describe()}", exc)
+        self.close()
+        return 0
+
+    cdef str describe(self):
+        return type(self).__name__
+
+    cdef int close(self) except -1:
+        """Stop watching and cancel the deadline (subclasses also close what they own)."""
+        self.unwatch()
+        self.set_deadline(0)
+        return 0
+
     cdef int set_deadline(self, double when) except -1:
+        cdef Loop loop = self.loop
         self.deadline = when
-        if when > 0 and (self.heap_deadline == 0 or when < self.heap_deadline):
-            self.loop.push_timer(self, when)
+        if when == 0:
+            if self.heap_index >= 0:
+                loop.heap_remove(self)
+        elif self.heap_index < 0:
+            loop.heap_push(self, when)
+        elif when < loop.heap[self.heap_index].key:
+            loop.heap_rekey(self.heap_index, when)
+        # later than its key: re-keyed when the old key comes due (see run_timers)
+        return 0
 
     cdef int watch(self, uint32_t events) except -1:
         """Register the fd or change its events (0: only hang-ups and errors)."""
@@ -86,6 +129,15 @@ cdef class Handle:
             del self.loop.handles[self.fd]
         return 0
 
+    # for tests: what the loop holds of this handle
+    @property
+    def in_heap(self):
+        return self.heap_index >= 0
+
+    @property
+    def when(self):
+        return self.deadline
+
 
 cdef class Timer(Handle):
     """A one-shot Python callback at a deadline (``Loop.call_later``)."""
@@ -97,13 +149,20 @@ cdef class Timer(Handle):
             cb()
         return 0
 
+    cdef int on_error(self, BaseException exc) except -1:
+        log.exception(f"timer callback {self.describe()}", exc)
+        return 0
+
+    cdef str describe(self):
+        return repr(self.callback)
+
     def cancel(self):
         self.callback = None
         self.set_deadline(0)
 
 
 cdef class _Wakeup(Handle):
-    """Read end of the signal wake-up pipe: drained; the Python handlers do the work."""
+    """Read end of the signal wake-up pipe: drained; the Python handlers queue the signals."""
 
     cdef int on_events(self, uint32_t events) except -1:
         cdef char buf[256]
@@ -120,6 +179,10 @@ cdef class PyHandle(Handle):
         self.callback()
         return 0
 
+    cdef int on_error(self, BaseException exc) except -1:
+        log.exception(f"reader callback {self.callback!r}", exc)
+        return 0
+
 
 cdef class Loop:
 
@@ -129,35 +192,141 @@ cdef class Loop:
             raise OSError(errno, os.strerror(errno))
         self.maxevents = maxevents
         self.evbuf = <epoll_event *>malloc(sizeof(epoll_event) * maxevents)
-        if self.evbuf == NULL:
+        self.heap = <TimerEntry *>malloc(sizeof(TimerEntry) * HEAP_MIN)
+        if self.evbuf == NULL or self.heap == NULL:
             raise MemoryError()
+        self.heapcap = HEAP_MIN
+        self.nheap = 0
         self.handles = {}
-        self.timers = []
         self.ready = []
         self.graveyard = []
+        self.signals = []
         self.seq = 0
         self.running = False
+        self.frozen = False
         self.update_time()
 
     def __dealloc__(self):
         cdef int k, i
+        cdef Py_ssize_t j
         if self.epfd >= 0:
             close(self.epfd)
         free(self.evbuf)
+        if self.heap != NULL:
+            for j in range(self.nheap):
+                (<Handle>self.heap[j].handle).heap_index = -1
+                Py_DECREF(<object>self.heap[j].handle)
+            free(self.heap)
         for k in range(2):
             for i in range(self.nspares[k]):
                 free(self.spares[k][i])
 
-    cdef double update_time(self):
+    cdef double update_time(self) noexcept:
         cdef timespec ts
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        self.now = ts.tv_sec + ts.tv_nsec * 1e-9
+        if not self.frozen:
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            self.now = ts.tv_sec + ts.tv_nsec * 1e-9
         return self.now
 
-    cdef int push_timer(self, Handle h, double when) except -1:
+    # ------------------------------------------------------------------ timer heap
+    cdef void sift_up(self, Py_ssize_t i) noexcept:
+        cdef Py_ssize_t parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _before(self.heap, i, parent):
+                break
+            _swap(self.heap, i, parent)
+            i = parent
+
+    cdef void sift_down(self, Py_ssize_t i) noexcept:
+        cdef Py_ssize_t child
+        while True:
+            child = 2 * i + 1
+            if child >= self.nheap:
+                break
+            if child + 1 < self.nheap and _before(self.heap, child + 1, child):
+                child += 1
+            if not _before(self.heap, child, i):
+                break
+            _swap(self.heap, i, child)
+            i = child
+
+    cdef int heap_push(self, Handle h, double key) except -1:
+        cdef TimerEntry *grown
+        cdef Py_ssize_t i = self.nheap
+        if i == self.heapcap:
+            grown = <TimerEntry *>realloc(self.heap, sizeof(TimerEntry) * self.heapcap * 2)
+            if grown == NULL:
+                raise MemoryError()
+            self.heap = grown
+            self.heapcap *= 2
+        Py_INCREF(h)
         self.seq += 1
-        h.heap_deadline = when
-        _heappush(self.timers, (when, self.seq, h))
+        self.heap[i].key = key
+        self.heap[i].seq = self.seq
+        self.heap[i].handle = <PyObject *>h
+        h.heap_index = i
+        self.nheap += 1
+        self.sift_up(i)
+        return 0
+
+    cdef void heap_remove(self, Handle h) noexcept:
+        cdef Py_ssize_t i = h.heap_index
+        cdef TimerEntry *grown
+        h.heap_index = -1
+        self.nheap -= 1
+        if i != self.nheap:
+            self.heap[i] = self.heap[self.nheap]
+            (<Handle>self.heap[i].handle).heap_index = i
+            self.sift_down(i)
+            self.sift_up(i)
+        if self.heapcap > HEAP_MIN and self.nheap < self.heapcap // 4:
+            # after a burst of connections: give the memory back
+            grown = <TimerEntry *>realloc(self.heap, sizeof(TimerEntry) * (self.heapcap // 2))
+            if grown != NULL:
+                self.heap = grown
+                self.heapcap //= 2
+        Py_DECREF(h)            # last: it may free h
+
+    cdef void heap_rekey(self, Py_ssize_t i, double key) noexcept:
+        cdef bint earlier = key < self.heap[i].key
+        self.heap[i].key = key
+        self.seq += 1
+        self.heap[i].seq = self.seq
+        if earlier:
+            self.sift_up(i)
+        else:
+            self.sift_down(i)
+
+    cdef int run_timers(self) except -1:
+        cdef Handle h
+        while self.nheap > 0 and self.heap[0].key <= self.now:
+            h = <Handle>self.heap[0].handle     # a new reference: on_timeout may free it
+            if h.deadline > self.now:
+                self.heap_rekey(0, h.deadline)  # moved later since it was keyed
+                continue
+            self.heap_remove(h)
+            h.deadline = 0
+            try:
+                h.on_timeout()
+            except BaseException as exc:
+                self.fault(h, exc)
+        return 0
+
+    cdef int fault(self, Handle h, BaseException exc) except -1:
+        """Give an exception from ``h``'s callback to ``h.on_error``; never raise (but for
+        the interpreter asking to exit)."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise exc
+        try:
+            h.on_error(exc)
+        except BaseException as again:
+            log.exception(f"while recovering {type(h).__name__}", again)
+            try:
+                Handle.close(h)             # at least stop watching it
+            except BaseException:
+                pass
+        return 0
 
     # Receive buffers: a connection holds one only while bytes are pending, so most requests
     # take one and give it back; a few spares of the two sizes in use (a client's first
@@ -181,43 +350,24 @@ cdef class Loop:
         else:
             free(buf)
 
-    cdef int run_timers(self) except -1:
-        cdef Handle h
-        cdef double when
-        cdef list timers = self.timers
-        while timers and (<tuple>timers[0])[0] <= self.now:
-            when, _, h = _heappop(timers)
-            if when != h.heap_deadline:
-                continue          # stale: an earlier entry replaced it
-            h.heap_deadline = 0
-            if h.deadline == 0:
-                continue          # cancelled
-            if h.deadline > self.now:
-                self.push_timer(h, h.deadline)   # moved later since it was pushed
-                continue
-            h.deadline = 0
-            try:
-                h.on_timeout()
-            except BaseException as exc:
-                self._handle_error(h, exc)
-        return 0
-
-    def _handle_error(self, Handle h, exc):
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise exc
-        print(f"expserver: internal error in {type(h).__name__}:", file=sys.stderr)
-        traceback.print_exception(exc, file=sys.stderr)
-        close = getattr(h, "abort", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                pass
-
     # -------------------------------------------------------------- Python API
     @property
     def time(self):
         return self.now
+
+    @property
+    def timer_count(self):
+        """Handles in the timer heap (each at most once)."""
+        return self.nheap
+
+    def freeze_time(self, now=None):
+        """Tests: from now on ``now`` moves only by ``advance``."""
+        self.frozen = True
+        if now is not None:
+            self.now = now
+
+    def advance(self, double seconds):
+        self.now += seconds
 
     def call_soon(self, callback):
         self.ready.append(callback)
@@ -242,61 +392,81 @@ cdef class Loop:
         h.unwatch()
 
     def watch_signals(self, signals, handler):
-        """Route ``signals`` to ``handler(signum)`` through the loop's wake-up pipe."""
+        """Call ``handler(signum)`` from the loop for each of ``signals`` received."""
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         cdef _Wakeup wake = _Wakeup.__new__(_Wakeup)
         wake.loop = self
         wake.fd = r
         wake.watch(EPOLLIN)
         self._wakeup_w = w
+        self.on_signal = handler
         signal.set_wakeup_fd(w)
+        queue = self.signals
         for s in signals:
-            signal.signal(s, lambda signum, frame: handler(signum))
+            signal.signal(s, lambda signum, frame: queue.append(signum))
 
     def stop(self):
         self.running = False
 
+    def run_once(self, double timeout=0):
+        """Tests: one iteration, waiting at most ``timeout`` seconds for an event."""
+        self.iterate(<int>(timeout * 1000))
+
     def run(self):
         """Run until ``stop()``."""
-        cdef int n, i, timeout
-        cdef Handle h
+        cdef int timeout
         cdef double delay
-        cdef list ready
         self.running = True
         while self.running:
-            if self.ready:
+            if self.ready or self.signals:
                 timeout = 0
-            elif self.timers:
-                delay = (<tuple>self.timers[0])[0] - self.update_time()
+            elif self.nheap > 0:
+                delay = self.heap[0].key - self.update_time()
                 timeout = 0 if delay <= 0 else <int>(delay * 1000) + 1
             else:
                 timeout = -1
-            with nogil:
-                n = epoll_wait(self.epfd, self.evbuf, self.maxevents, timeout)
-            if n < 0:
-                if errno != EINTR:
-                    raise OSError(errno, os.strerror(errno))
-                n = 0
-            PyErr_CheckSignals()
-            self.update_time()
-            for i in range(n):
-                h = <Handle>self.evbuf[i].data.ptr
-                if not h.registered:
-                    continue      # closed earlier in this batch
+            self.iterate(timeout)
+
+    cdef int iterate(self, int timeout) except -1:
+        cdef int n, i
+        cdef Handle h
+        cdef list ready
+        with nogil:
+            n = epoll_wait(self.epfd, self.evbuf, self.maxevents, timeout)
+        if n < 0:
+            if errno != EINTR:
+                raise OSError(errno, os.strerror(errno))
+            n = 0
+        PyErr_CheckSignals()
+        self.update_time()
+        for i in range(n):
+            h = <Handle>self.evbuf[i].data.ptr
+            if not h.registered:
+                continue      # closed earlier in this batch
+            try:
+                h.on_events(self.evbuf[i].events)
+            except BaseException as exc:
+                self.fault(h, exc)
+        if self.nheap > 0:
+            self.run_timers()
+        while self.signals:
+            signum = self.signals.pop(0)
+            try:
+                self.on_signal(signum)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                log.exception(f"handling signal {signum}", exc)
+        if self.ready:
+            ready, self.ready = self.ready, []
+            for cb in ready:
                 try:
-                    h.on_events(self.evbuf[i].events)
+                    cb()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
                 except BaseException as exc:
-                    self._handle_error(h, exc)
-            if self.timers:
-                self.run_timers()
-            if self.ready:
-                ready, self.ready = self.ready, []
-                for cb in ready:
-                    try:
-                        cb()
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
-                    except BaseException:
-                        traceback.print_exc()
-            if self.graveyard:
-                self.graveyard = []
+                    log.exception(f"deferred callback {cb!r}", exc)
+        if self.graveyard:
+            self.graveyard = []
+        return 0
+
