@@ -35,6 +35,7 @@ cdef class Listener(Handle):
     cdef Core core
     cdef bint paused
     cdef void _pause(self, double seconds)
+    cdef Connection accept_fd(self, int fd, str peer)
 
 
 cdef class Deferred:
@@ -42,14 +43,28 @@ cdef class Deferred:
 
     The handler returns ``(0, b"", deferred)``; the connection then calls ``start``, feeds
     the request body through ``on_body`` while ``body_full`` is false, tells ``on_drain``
-    when its pipe has room again, and ``abort`` if the client goes away. The deferred writes
-    the response into ``conn.out`` itself and calls ``conn.task_done()`` when it is complete.
+    when its pipe has room again, ``abort`` if the client goes away, and ``fault`` if one of
+    these calls raised. The deferred queues its response head with ``conn.push_head`` and
+    the body into ``conn.out``, and calls ``conn.task_done()`` when it is complete.
     """
     cdef int start(self, Connection conn, Request req) except -1
     cdef bint body_full(self)
     cdef int on_body(self, list chunks, bint done) except -1
     cdef int on_drain(self) except -1
     cdef int abort(self) except -1
+    cdef int fault(self, BaseException exc) except -1
+
+
+# What the next bytes from the client mean (see the transition table in _conn.pyx).
+cdef enum ConnState:
+    C_IDLE = 0      # between requests, nothing buffered
+    C_HEAD = 1      # part of a request head is buffered
+    C_BODY = 2      # reading the body of the request being answered
+    C_WAIT = 3      # a deferred answer is being produced; later bytes wait unparsed
+    C_TUNNEL = 4    # after 101: every byte belongs to the deferred (WebSocket)
+    C_CLOSING = 5   # no further request is read: the queued answers go out, then LINGER
+    C_LINGER = 6    # our side is shut: reading and discarding until EOF or a deadline
+    C_CLOSED = 7
 
 
 cdef class Connection(Handle):
@@ -62,31 +77,37 @@ cdef class Connection(Handle):
     cdef Py_ssize_t rcap, rstart, rend
     cdef Parser parser
     cdef Pipe out
-    cdef int phase
-    cdef bint close_after      # close once the pipe drains
+    cdef public int state      # a ConnState
+    cdef bint close_after      # the response being produced is the last one
+    cdef bint owed             # a request was dispatched and its response head is not queued
     cdef bint read_eof         # the client shut its sending side
     cdef bint blocked          # the socket is full: waiting for EPOLLOUT
     cdef bint stalled          # parsing stopped for a full pipe: resume once it has room
     cdef double head_deadline  # total deadline of the head being read (0: none yet)
     cdef double started        # when the current request's head was complete
     cdef Deferred task         # the deferred answer in progress, if any
+    cdef Request current       # the request being answered (for errors raised late)
     cdef public double body_timeout   # of the current request (its route may set it)
 
     cdef void init(self, Listener listener, int fd, str peer)
     cdef int read(self) except -1
     cdef int make_room(self) except -1
     cdef int process(self) except -1
+    cdef int feed_body(self) except -1
+    cdef int next_request(self) except -1
     cdef int dispatch(self, Request req) except -1
     cdef int respond_error(self, Request req, int status) except -1
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1
+    cdef int push_head(self, bytes head, int status) except -1
     cdef int count(self, int status) except -1
     cdef void close_file(self, object fr)
     cdef int fail(self, int status) except -1
     cdef int flush(self) except -1
+    cdef int arm_deadline(self, long long sent_before) except -1
     cdef int update_interest(self) except -1
+    cdef int end_task(self) except -1
     cdef int task_done(self, bint reusable) except -1
     cdef int start_tunnel(self) except -1
     cdef void drain(self)
     cdef int start_linger(self) except -1
     cdef int linger_read(self) except -1
-    cdef int close(self) except -1

@@ -7,12 +7,35 @@ A ``Listener`` accepts (accept4, non-blocking, up to 64 per wake-up) and makes o
 ``Connection`` per client. It pauses accepting for a moment on EMFILE/ENFILE instead of
 spinning, and when ``max_connections`` is reached.
 
-A ``Connection`` moves through phases::
+A ``Connection``'s ``state`` says what the next bytes from the client mean (h11 style: the
+whole table is here, and nothing else moves the state)::
 
-    HEAD --(head complete: dispatch, response queued)--> BODY (framing/discarding)
-      ^                                                   |
-      +------------------- body done --------------------+
-    any --(close wanted and pipe drained)--> LINGER --(EOF or deadline)--> closed
+    state      deadline (unless blocked)   leads to
+    IDLE       keepalive_timeout  -> close  HEAD: a byte of a new head arrives
+    HEAD       header_timeout (total, from  IDLE/HEAD: the head is answered at once, no body
+               the head's first byte) ->    BODY: its body is read (and discarded, or fed
+               408, CLOSING                       to the deferred answer)
+                                            WAIT: a deferred answer with no body to read
+                                            CLOSING: an error answer (400, 413, ...), or the
+                                                  answer is the last one (Connection: close)
+    BODY       body_timeout (idle) -> close IDLE/HEAD: body read, answer already queued
+                                            WAIT: body read, the deferred answer goes on
+                                            CLOSING: the answer was the last; or a chunked
+                                                  body that cannot be framed (400 if no
+                                                  answer was queued yet)
+    WAIT       none (the deferred's own)    IDLE/HEAD: ``task_done`` (reusable)
+                                            CLOSING: ``task_done`` (not reusable)
+                                            TUNNEL: ``start_tunnel`` (101)
+    TUNNEL     body_timeout (idle) -> close CLOSED: either side closes
+    CLOSING    -                            LINGER: the queued answers are all written
+    LINGER     5 s -> close                 CLOSED: EOF from the client
+    any        send_timeout while blocked   CLOSED: reset, error, or a timeout above
+
+Beside the state: ``blocked`` (the socket is full, EPOLLOUT wanted), ``stalled`` (parsing
+stopped because the pipe is full; any drain resumes it), ``read_eof`` (the client shut its
+side: answer what is complete, then close), ``close_after`` (the answer being produced is
+the last one), ``owed`` (a request was dispatched and no response head is queued for it:
+what an internal error must still answer, with a 500), and ``task`` (the deferred answer).
 
 Receive side: one buffer ``rbuf[rstart:rend]`` per connection, taken from the loop when
 bytes arrive and given back when the connection is idle (so an idle keep-alive connection
@@ -30,14 +53,14 @@ framing error it queues exactly one error response, stops parsing, and closes wi
 lingering close (shutdown(SHUT_WR), then read and discard until EOF or a deadline) so the
 client can read the answer instead of getting a reset.
 
-Deadlines (one per connection, see _loop): keep-alive idle; a total header deadline from
-the first byte of a head; body idle; send idle while output is blocked; linger.
+Faults: an exception from the handler is answered 500; one from anywhere else on this
+connection's path reaches ``on_error`` (via the loop): the deferred answer, if any, answers
+502 or cuts the connection (``Deferred.fault``); else a request still owed gets a 500 and
+the connection closes after it; else it just closes. Each is logged once.
 """
 import email.utils
 import http
-import sys
 import time
-import traceback
 
 from libc.stdlib cimport realloc, free
 from libc.string cimport memmove
@@ -47,14 +70,9 @@ from expserver._loop cimport Loop, Handle, SMALL_BUFFER
 from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
 from expserver._http cimport Parser, Request, AGAIN
 
+from expserver import log
 from expserver.pages import page as error_page
 from expserver.response import FileRange
-
-cdef enum Phase:
-    P_HEAD = 0
-    P_BODY = 1
-    P_LINGER = 2
-    P_CLOSED = 3
 
 DEF LINGER_SECONDS = 5.0
 DEF ACCEPT_BATCH = 64
@@ -106,7 +124,7 @@ cdef class Settings:
     def __init__(self, keepalive_timeout=75.0, header_timeout=60.0, body_timeout=60.0,
                  send_timeout=60.0, max_body_size=1048576, max_line=8192, max_field=8192,
                  max_head=65536, max_fields=100, pipe_threshold=262144,
-                 max_connections=100000):
+                 max_connections=10000):
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -194,8 +212,21 @@ cdef class Listener(Handle):
                     self._pause(0.1)   # out of descriptors: wait, never spin
                 return 0
             setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-            c = Connection.__new__(Connection)
-            c.init(self, cfd, peer_string(&sa))
+            self.accept_fd(cfd, peer_string(&sa))
+        return 0
+
+    cdef Connection accept_fd(self, int fd, str peer):
+        cdef Connection c = Connection.__new__(Connection)
+        c.init(self, fd, peer)
+        return c
+
+    def adopt(self, int fd, str peer="test"):
+        """Tests: serve an already connected socket (a socketpair end) as a client."""
+        return self.accept_fd(fd, peer)
+
+    cdef int on_error(self, BaseException exc) except -1:
+        log.exception("accepting connections", exc)
+        self._pause(0.1)            # never stop listening for good
         return 0
 
     cdef void _pause(self, double seconds):
@@ -230,6 +261,9 @@ cdef class Deferred:
     cdef int abort(self) except -1:
         return 0
 
+    cdef int fault(self, BaseException exc) except -1:
+        return 0
+
 
 cdef class Connection(Handle):
 
@@ -244,7 +278,7 @@ cdef class Connection(Handle):
         self.parser = Parser(self.settings.max_line, self.settings.max_field,
                              self.settings.max_head, self.settings.max_fields)
         self.out = Pipe(self.settings.pipe_threshold)
-        self.phase = P_HEAD
+        self.state = C_IDLE
         self.core.connections.add(self)
         self.core.stats.conn_accepted += 1
         self.core.stats.conn_current += 1
@@ -257,14 +291,21 @@ cdef class Connection(Handle):
         if self.rbuf != NULL:
             free(self.rbuf)
 
+    cdef str describe(self):
+        cdef Request req = self.current
+        if req is None or not self.owed:
+            return f"connection from {self.peer}"
+        return f"connection from {self.peer} ({req.method.decode('latin-1')} " \
+               f"{req.target.decode('latin-1')[:200]})"
+
     # ---------------------------------------------------------------- events
     cdef int on_events(self, uint32_t events) except -1:
         if events & EPOLLOUT:
             self.flush()
-        if self.phase == P_CLOSED:
+        if self.state == C_CLOSED:
             return 0
         if events & EPOLLIN and self.interest & EPOLLIN:
-            if self.phase == P_LINGER:
+            if self.state == C_LINGER:
                 self.linger_read()
             else:
                 self.read()
@@ -273,26 +314,46 @@ cdef class Connection(Handle):
         return 0
 
     cdef int on_timeout(self) except -1:
-        if self.phase == P_LINGER or self.phase == P_CLOSED:
+        cdef int st = self.state
+        if st == C_LINGER or st == C_CLOSED:
             self.close()
             return 0
         self.core.stats.conn_timeout += 1
-        if self.blocked or self.phase == P_BODY or self.task is not None:
-            self.close()                      # send or body timeout: nothing to say
-        elif self.rend > self.rstart:
+        if st == C_HEAD and not self.blocked:
             self.fail(408)                    # a head was started and not finished
         else:
-            self.close()                      # keep-alive idle
+            self.close()                      # idle, or a body, tunnel or send timeout
         return 0
 
-    def abort(self):
-        self.close()
+    cdef int on_error(self, BaseException exc) except -1:
+        cdef Deferred task = self.task
+        log.exception(f"internal error on the {self.describe()}", exc)
+        if self.state == C_CLOSED:
+            return 0
+        if task is not None:
+            task.fault(exc)             # answers 502 if nothing was relayed, else cuts
+            if self.task is not task:
+                return 0                # it ended itself
+            self.end_task()
+            task.abort()
+        if self.owed and self.state < C_LINGER:
+            self.close_after = True
+            self.respond_error(self.current, 500)
+            self.state = C_CLOSING
+            self.rstart = self.rend
+            self.flush()
+        else:
+            self.close()
+        return 0
 
     cdef void drain(self):
+        """Graceful stop: an idle connection closes now, a busy one after its answer."""
         self.close_after = True
-        if self.out.empty() and self.rend == self.rstart and self.phase == P_HEAD \
-                and self.task is None:
-            self.close()
+        if self.state == C_IDLE and self.task is None:
+            if self.out.empty():
+                self.close()
+            else:
+                self.state = C_CLOSING
 
     # ---------------------------------------------------------------- reading
     cdef int read(self) except -1:
@@ -302,15 +363,15 @@ cdef class Connection(Handle):
             self.rcap = SMALL_BUFFER
             self.rstart = self.rend = 0
         elif self.rend == self.rcap:
-            if self.rstart == 0 and (self.task is not None or self.out.full()) \
-                    and self.phase == P_HEAD:
+            if self.rstart == 0 and (self.state == C_WAIT or self.out.full()):
                 # a full buffer we cannot parse yet: stop reading until the answer is out
                 self.watch(EPOLLRDHUP | (EPOLLOUT if self.blocked else 0))
                 return 0
             self.make_room()
         n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
         if n > 0:
-            if self.rend == self.rstart and self.phase == P_HEAD:
+            if self.state == C_IDLE:
+                self.state = C_HEAD
                 self.head_deadline = self.loop.now + self.settings.header_timeout
             self.rend += n
             self.core.stats.recv_bytes += n
@@ -343,22 +404,18 @@ cdef class Connection(Handle):
         return 0
 
     cdef int process(self) except -1:
-        """Parse and answer what the buffer holds, while the pipe has room."""
-        cdef int rc
-        cdef Py_ssize_t used
+        """Parse and answer what the buffer holds, as far as the state and the pipe allow."""
+        cdef int rc, st
         cdef Request req
-        cdef list chunks
-        cdef bint done
-        cdef Deferred task
-        while self.rend > self.rstart and self.phase < P_LINGER:
-            if self.phase == P_HEAD:
-                if self.close_after:
-                    break
+        while self.rend > self.rstart:
+            st = self.state
+            if st == C_IDLE or st == C_HEAD:
                 if self.out.full():
                     self.stalled = True     # no new request until the answers before it are out
                     break
                 rc = self.parser.scan_head(self.rbuf + self.rstart, self.rend - self.rstart)
                 if rc == AGAIN:
+                    self.state = C_HEAD
                     break
                 if rc < 0:
                     self.fail(-rc)
@@ -371,45 +428,76 @@ cdef class Connection(Handle):
                 self.parser.reset()
                 self.head_deadline = self.loop.now + self.settings.header_timeout
                 self.dispatch(req)
-            elif self.task is not None:
-                task = self.task        # a strong reference: the call may end the task
-                if task.body_full():
-                    break               # the upstream is slower than the client: wait
-                chunks = []
-                used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
-                                             chunks)
-                if used < 0:
-                    self.close()        # a body we cannot frame cannot be forwarded
-                    return 0
-                self.rstart += used
-                done = self.parser.body_done()
-                if done:
-                    self.phase = P_HEAD
-                task.on_body(chunks, done)
+            elif st == C_BODY or st == C_TUNNEL:
+                if not self.feed_body():
+                    break
             else:
-                used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
-                                             None)
-                if used < 0:
-                    # its response is already queued: one answer per request, then close
-                    self.close_after = True
-                    self.rstart = self.rend
-                    break
-                self.rstart += used
-                if self.parser.body_done():
-                    self.phase = P_HEAD
-                elif 0 < self.settings.max_body_size < self.parser.received:
-                    # a chunked body past the limit: its answer is out, the rest is not read
-                    self.close_after = True
-                    self.rstart = self.rend
-                    break
-        if self.phase >= P_LINGER:
+                break       # WAIT: later requests wait their turn; CLOSING and on: nothing
+        if self.state >= C_LINGER:
             return 0
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
-            if self.phase == P_HEAD and self.rbuf != NULL:
+            if self.state == C_HEAD:
+                self.state = C_IDLE
+            if self.state == C_IDLE and self.rbuf != NULL:
                 self.loop.give_buffer(self.rbuf, self.rcap)    # idle: hold no buffer
                 self.rbuf = NULL
         self.flush()
+        return 0
+
+    cdef int feed_body(self) except -1:
+        """Body bytes of the current request (BODY, TUNNEL): 1 to go on, 0 to stop."""
+        cdef Py_ssize_t used
+        cdef list chunks
+        cdef bint done
+        cdef Deferred task = self.task  # a strong reference: the call may end the task
+        if task is not None:
+            if task.body_full():
+                return 0                # the upstream is slower than the client: wait
+            chunks = []
+            used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart,
+                                         chunks)
+            if used < 0:
+                # a body we cannot frame cannot be forwarded: the deferred ends, and the
+                # client hears why if it has not had an answer yet (RFC 9112 7.1: SHOULD)
+                self.end_task()
+                task.abort()
+                if self.owed:
+                    self.fail(self.parser.error_status or 400)
+                else:
+                    self.close()
+                return 0
+            self.rstart += used
+            done = self.parser.body_done()
+            if done:
+                self.state = C_WAIT
+            task.on_body(chunks, done)
+            return 1
+        used = self.parser.feed_body(self.rbuf + self.rstart, self.rend - self.rstart, None)
+        if used < 0:
+            # its answer is already queued: one answer per request, then close
+            self.close_after = True
+            self.state = C_CLOSING
+            self.rstart = self.rend
+            return 0
+        self.rstart += used
+        if self.parser.body_done():
+            self.next_request()
+        elif 0 < self.settings.max_body_size < self.parser.received:
+            # a chunked body past the limit: its answer is out, the rest is not read
+            self.close_after = True
+            self.state = C_CLOSING
+            self.rstart = self.rend
+            return 0
+        return 1
+
+    cdef int next_request(self) except -1:
+        """The current request is fully read and answered (or being answered)."""
+        if self.close_after or self.core.draining:
+            self.state = C_CLOSING
+            self.rstart = self.rend     # pipelined requests behind a last answer are dropped
+        else:
+            self.state = C_HEAD if self.rend > self.rstart else C_IDLE
         return 0
 
     # ---------------------------------------------------------------- requests
@@ -419,39 +507,47 @@ cdef class Connection(Handle):
         self.core.stats.req_total += 1
         self.started = self.loop.now
         self.body_timeout = self.settings.body_timeout
+        self.current = req
+        self.owed = True
         req.peer = self.peer
-        if has_body:
-            if 0 < self.settings.max_body_size < req.content_length:
-                self.close_after = True
-                self.respond_error(req, 413)
-                return 0
-            if not req.expect_continue:
-                self.parser.start_body(req)
-                self.phase = P_BODY
+        if has_body and 0 < self.settings.max_body_size < req.content_length:
+            self.close_after = True
+            self.respond_error(req, 413)
+            self.next_request()
+            return 0
         try:
             status, headers, body = self.listener.handler(req)
-        except Exception:
-            print(f"expserver: error while handling {req!r}:", file=sys.stderr)
-            traceback.print_exc()
+            if status == 0:
+                task = <Deferred?>body
+        except Exception as exc:
+            log.exception(f"the handler of the {self.describe()}", exc)
             self.close_after = True
             self.respond_error(req, 500)
+            self.next_request()
             return 0
         if status == 0:
             # a deferred answer (the proxy): it reads the body and writes the response
-            if has_body and req.expect_continue:
-                self.out.push(CONTINUE_100)
+            if has_body:
+                if req.expect_continue:
+                    self.out.push(CONTINUE_100)
                 self.parser.start_body(req)
-                self.phase = P_BODY
-            task = <Deferred?>body
+                self.state = C_BODY
+            else:
+                self.state = C_WAIT
             self.task = task
             self.out.hold()
-            task.start(self, req)
+            task.start(self, req)       # may end at once (task_done)
             return 0
         if has_body and req.expect_continue:
             # the handler does not read bodies: answer now, and since we cannot know
             # whether the client will send the body anyway, close afterwards
             self.close_after = True
         self.respond(req, status, headers, body)
+        if has_body and not self.close_after:
+            self.parser.start_body(req)
+            self.state = C_BODY         # read and discard it: the next request follows
+        else:
+            self.next_request()
         return 0
 
     cdef int respond_error(self, Request req, int status) except -1:
@@ -481,9 +577,9 @@ cdef class Connection(Handle):
             close = True
         if close:
             self.close_after = True
-        self.out.push(join_bytes([
+        self.push_head(join_bytes([
             status_prefix(status), http_date(self.loop.now), headers, framing,
-            CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]))
+            CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]), status)
         if head_only or body is None:
             if t is _FileRange:
                 self.close_file(body)
@@ -496,6 +592,12 @@ cdef class Connection(Handle):
                 self.close_file(body)
         else:
             self.out.push_source(body, req.version == 11)
+        return 0
+
+    cdef int push_head(self, bytes head, int status) except -1:
+        """Queue the response head of the current request (every route type comes here)."""
+        self.out.push(head)
+        self.owed = False
         self.count(status)
         return 0
 
@@ -532,32 +634,43 @@ cdef class Connection(Handle):
         self.started = self.loop.now
         self.close_after = True
         self.rstart = self.rend         # never parse another request from these bytes
-        self.phase = P_HEAD
+        self.state = C_CLOSING
         self.respond(req, status, CT_HTML, error_page(status))
         self.flush()
         return 0
 
     def resume(self):
-        if self.phase < P_LINGER:
+        if self.state < C_LINGER:
             self.process()
+
+    cdef int end_task(self) except -1:
+        self.task = None
+        self.out.release()
+        return 0
 
     cdef int task_done(self, bint reusable) except -1:
         """The deferred answer is complete (``reusable``: the connection may go on)."""
-        self.task = None
-        self.out.release()
+        self.end_task()
         self.head_deadline = self.loop.now + self.settings.header_timeout
         if not reusable:
             self.close_after = True
-        if self.phase != P_CLOSED:
-            self.process()          # answers pipelined requests, then flushes
+        if self.state == C_BODY:
+            if self.close_after:
+                self.state = C_CLOSING  # the rest of the body is not read
+                self.rstart = self.rend
+            # else: the rest of the body is read and discarded, then the next request
+        elif self.state == C_WAIT or self.state == C_TUNNEL:
+            self.next_request()
+        if self.state != C_CLOSED:
+            self.process()              # answers pipelined requests, then flushes
         return 0
 
     cdef int start_tunnel(self) except -1:
         """After a 101: every further client byte belongs to the task, until either closes."""
         self.parser.start_framing(False, -1, True)
-        self.phase = P_BODY
+        self.state = C_TUNNEL
         self.close_after = True
-        self.process()              # bytes that came with the upgrade request
+        self.process()                  # bytes that came with the upgrade request
         return 0
 
     # ---------------------------------------------------------------- writing
@@ -575,8 +688,10 @@ cdef class Connection(Handle):
             if self.out.has_room():
                 task = self.task
                 task.on_drain()         # the exchange may read its upstream again
+                if self.state == C_CLOSED:
+                    return 0
         elif not self.blocked:
-            if self.close_after:
+            if self.state == C_CLOSING:
                 self.start_linger()
                 return 0
             if self.stalled:
@@ -589,38 +704,46 @@ cdef class Connection(Handle):
             if self.read_eof:
                 self.close()
                 return 0
-        # deadlines: send while blocked (reset on progress), else by phase
-        if self.blocked:
-            if self.out.sent != before or self.deadline == 0 or \
-                    self.deadline > self.loop.now + self.settings.send_timeout:
-                self.set_deadline(self.loop.now + self.settings.send_timeout)
-        elif self.phase == P_BODY:
-            self.set_deadline(self.loop.now + self.body_timeout)
-        elif self.task is not None:
-            self.set_deadline(0)        # the exchange's own deadlines govern
-        elif self.rend > self.rstart:
-            self.set_deadline(self.head_deadline)
-        else:
-            self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+        self.arm_deadline(before)
         self.update_interest()
+        return 0
+
+    cdef int arm_deadline(self, long long sent_before) except -1:
+        """The one deadline that governs now: send while blocked (reset on progress), else
+        the state's (see the table above)."""
+        cdef int st = self.state
+        cdef double now = self.loop.now
+        if self.blocked:
+            if self.out.sent != sent_before or self.deadline == 0 or \
+                    self.deadline > now + self.settings.send_timeout:
+                self.set_deadline(now + self.settings.send_timeout)
+        elif st == C_BODY or st == C_TUNNEL:
+            self.set_deadline(now + self.body_timeout)
+        elif st == C_WAIT:
+            self.set_deadline(0)        # the exchange's own deadlines govern
+        elif st == C_HEAD:
+            self.set_deadline(self.head_deadline)
+        elif st == C_IDLE:
+            self.set_deadline(now + self.settings.keepalive_timeout)
         return 0
 
     cdef int update_interest(self) except -1:
         cdef uint32_t ev
-        if self.phase == P_CLOSED:
+        cdef int st = self.state
+        if st == C_CLOSED:
             return 0
-        if self.phase == P_LINGER:
+        if st == C_LINGER:
             ev = EPOLLIN
         elif self.read_eof:
             ev = 0
-        elif self.phase == P_BODY:
+        elif st == C_BODY or st == C_TUNNEL:
             ev = EPOLLRDHUP if self.task is not None and self.task.body_full() else EPOLLIN
-        elif self.task is not None:
+        elif st == C_WAIT:
             # reading on while the answer is pending notices a client that leaves; a full
             # buffer stops it (see read)
             ev = EPOLLRDHUP if self.rbuf != NULL and self.rend - self.rstart == self.rcap \
                 else EPOLLIN
-        elif self.close_after or self.out.full():
+        elif st == C_CLOSING or self.out.full():
             ev = 0
         else:
             ev = EPOLLIN
@@ -634,7 +757,7 @@ cdef class Connection(Handle):
             self.close()
             return 0
         shutdown(self.fd, SHUT_WR)
-        self.phase = P_LINGER
+        self.state = C_LINGER
         self.out.clear()
         if self.rbuf != NULL:
             self.loop.give_buffer(self.rbuf, self.rcap)
@@ -653,15 +776,15 @@ cdef class Connection(Handle):
 
     cdef int close(self) except -1:
         cdef Deferred task
-        if self.phase == P_CLOSED:
+        if self.state == C_CLOSED:
             return 0
-        self.phase = P_CLOSED
+        self.state = C_CLOSED
         if self.task is not None:
             task, self.task = self.task, None
             try:
                 task.abort()
-            except Exception:
-                traceback.print_exc()
+            except Exception as exc:
+                log.exception(f"ending the answer of the {self.describe()}", exc)
         self.unwatch()
         self.set_deadline(0)
         close(self.fd)
@@ -673,3 +796,18 @@ cdef class Connection(Handle):
         self.core.connections.discard(self)
         if self.core.draining and not self.core.connections:
             self.loop.stop()
+        return 0
+
+    # tests: what a client cannot see directly
+    @property
+    def state_name(self):
+        return ("IDLE", "HEAD", "BODY", "WAIT", "TUNNEL", "CLOSING", "LINGER",
+                "CLOSED")[self.state]
+
+    @property
+    def buffered(self):
+        return self.rend - self.rstart
+
+    @property
+    def holds_buffer(self):
+        return self.rbuf != NULL

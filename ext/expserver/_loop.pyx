@@ -323,9 +323,9 @@ cdef class Loop:
         except BaseException as again:
             log.exception(f"while recovering {type(h).__name__}", again)
             try:
-                Handle.close(h)             # at least stop watching it
+                h.close()
             except BaseException:
-                pass
+                Handle.close(h)             # at least stop watching it
         return 0
 
     # Receive buffers: a connection holds one only while bytes are pending, so most requests

@@ -27,9 +27,38 @@ Failures before the response head starts: a connect failure is retried on the ne
 idempotent requests without a body; otherwise 502 (504 for a timeout). After the head was
 sent to the client, a failure can only cut the client connection: never a fake end.
 
+States (``Exchange.state``; nothing else moves them)::
+
+    AWAIT   the request goes to a peer: a pooled connection or a new one, the head and the
+            body so far queued in its pipe     -> RELAY: a final response head arrives and
+                                                  is queued for the client (1xx skipped)
+                                               -> TUNNEL: a 101 to an upgrade request
+                                               -> AWAIT: the peer failed and a retry is safe
+                                                  (next peer; a stale pooled connection is
+                                                  retried on a new one to the same peer)
+                                               -> DONE (answered): 502/504 when no retry is
+                                                  left or safe, 413 for a body over the
+                                                  route's limit, 502 when a callback raised
+    RELAY   the body goes to the client, re-framed as it arrives
+                                               -> DONE (complete): the body ended; the
+                                                  upstream goes back to its pool if reusable
+                                               -> DONE (cut): upstream reset, EOF inside a
+                                                  framed body, bad framing, a timeout or a
+                                                  callback fault: the client connection
+                                                  closes, never a fake end
+    TUNNEL  raw bytes both ways                -> DONE (cut): either side closes
+    any     the client goes away               -> DONE (aborted): the upstream connection
+                                                  is closed (not the peer's fault)
+
+An ``Upstream`` is CONNECTING -> ACTIVE (its exchange's) -> IDLE (in its peer's pool) ->
+ACTIVE (taken again) ... -> CLOSED. An idle upstream that speaks, closes or outlives
+``idle_timeout`` is closed and forgotten by the pool.
+
 Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
 """
 import socket
+
+from expserver import log
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdio cimport snprintf
@@ -45,6 +74,38 @@ from expserver._conn cimport Connection, Deferred
 
 DEF MAX_STATUS_LINE = 8192
 DEF MAX_POOL = 1024             # idle connections per peer, whatever the peak
+
+# An Exchange's states; what leads out of each is in the module docstring.
+cdef enum XState:
+    X_AWAIT = 0     # the request goes to a peer: connecting, sending, awaiting the head
+    X_RELAY = 1     # the response head is in the client's pipe; the body follows it
+    X_TUNNEL = 2    # after a 101: raw bytes both ways
+    X_DONE = 3      # over, with an Outcome
+
+cdef enum Outcome:
+    O_NONE = 0
+    O_COMPLETE = 1  # the whole response is in the client's pipe
+    O_ANSWERED = 2  # we answered ourselves (502, 504, 413)
+    O_CUT = 3       # the response broke off after its head: the client connection closes
+    O_ABORTED = 4   # the client went away
+
+cdef tuple OUTCOMES = ("none", "complete", "answered", "cut", "aborted")
+
+
+cdef void peer_succeeded(object peer):
+    """The balancer's bookkeeping must never cost the client its answer."""
+    try:
+        peer.succeeded()
+    except Exception as exc:
+        log.exception(f"recording a success of upstream {peer!r}", exc)
+
+
+cdef void peer_failed(object peer, double now):
+    try:
+        peer.failed(now)
+    except Exception as exc:
+        log.exception(f"recording a failure of upstream {peer!r}", exc)
+
 
 cdef enum UState:
     U_CONNECTING = 0
@@ -402,6 +463,20 @@ cdef class Upstream(Handle):
         self.set_deadline(self.loop.now + self.route.connect_timeout)
         return 0
 
+    cdef str describe(self):
+        return f"upstream connection to {self.peer!r}"
+
+    cdef int on_error(self, BaseException exc) except -1:
+        cdef Exchange ex = self.ex
+        log.exception(f"internal error on the {self.describe()}", exc)
+        if ex is not None and ex.state != X_DONE:
+            ex.fault(exc)           # ends the exchange, and with it this connection
+        if self.state != U_CLOSED:
+            if self.state == U_IDLE:
+                self.route.forget(self)
+            self.close()
+        return 0
+
     def connect_failed(self):
         if self.ex is not None and self.state == U_CONNECTING:
             _ex(self).upstream_failed(self, False, 502)
@@ -528,13 +603,12 @@ cdef class Exchange(Deferred):
     cdef bint has_body
     cdef bint body_done
     cdef bint chunked_up        # the body goes upstream chunked
-    cdef bint head_sent         # the response head is in the client's pipe
     cdef bint chunked_down      # we frame the body in chunks for the client
     cdef bint close_down        # the client connection ends with this response
     cdef bint no_body
     cdef bint upgrade           # the client asked for a protocol upgrade
-    cdef bint tunnel            # 101 received: raw bytes both ways
-    cdef bint finished
+    cdef int state              # an XState
+    cdef int outcome            # an Outcome, once DONE
     cdef int last_status        # what to answer if no peer is left (502 or 504)
     cdef long long received     # chunked request body bytes so far
     cdef list replay            # body bytes queued while no upstream got a byte (retries)
@@ -562,11 +636,11 @@ cdef class Exchange(Deferred):
     cdef int on_body(self, list chunks, bint done) except -1:
         cdef bytes c
         cdef Upstream up = self.up
-        if self.finished or up is None:
+        if self.state == X_DONE or up is None:
             return 0
         if self.route.max_body and self.req.chunked:
             self.received += sum(len(c) for c in chunks)
-            if self.received > self.route.max_body and not self.head_sent:
+            if self.received > self.route.max_body and self.state == X_AWAIT:
                 self.release(up, False, False)      # a chunked body over the limit
                 return self.fail(413)
         if self.replay is not None and up.out.sent:
@@ -594,7 +668,8 @@ cdef class Exchange(Deferred):
 
     cdef int abort(self) except -1:
         """The client went away: the exchange ends, its upstream connection too."""
-        self.finished = True
+        self.state = X_DONE
+        self.outcome = O_ABORTED
         self.conn = None
         if self.up is not None:
             self.release(self.up, False, False)     # the client left: not the peer's fault
@@ -707,8 +782,12 @@ cdef class Exchange(Deferred):
         cdef Loop loop = <Loop>route.loop
         if self.attempts > route.retries:
             return self.fail(self.last_status or 502)
-        peer = route.balancer.pick(self.req.peer, loop.now,
-                                   NO_PEERS if self.tried is None else self.tried)
+        try:
+            peer = route.balancer.pick(self.req.peer, loop.now,
+                                       NO_PEERS if self.tried is None else self.tried)
+        except Exception as exc:
+            log.exception(f"the balancer of {self.describe()}", exc)
+            return self.fail(502)
         if peer is None:
             return self.fail(self.last_status or 502)
         self.attempts += 1
@@ -732,7 +811,7 @@ cdef class Exchange(Deferred):
             up.out = Pipe(route.threshold)
             up.parser = Parser(8192, 8192, 65536, 100)
             up.ex = self
-            up.connect(route.addrs[peer])
+            up.connect(route.addrs.get(peer))
         else:
             up.reused = True
             up.ex = self
@@ -761,9 +840,9 @@ cdef class Exchange(Deferred):
         cdef Py_ssize_t n, used, fields_start
         cdef int rc
         cdef list chunks
-        if self.finished:
+        if self.state == X_DONE:
             return 0
-        while up.head is None or not self.head_sent:
+        while self.state == X_AWAIT:
             p = up.rbuf + up.rstart
             n = up.rend - up.rstart
             if up.fields_start == 0:
@@ -799,7 +878,7 @@ cdef class Exchange(Deferred):
             up.rstart += used
             self.send_head(up, p, fields_start, used)
         # body
-        while up.rend > up.rstart and not self.finished:
+        while up.rend > up.rstart and self.state != X_DONE:
             if not self.conn_has_room():
                 up.pause()
                 return 0
@@ -813,11 +892,11 @@ cdef class Exchange(Deferred):
                 return self.complete(up)    # which sends it (head and body in one write)
             if chunks:
                 self.conn.flush()
-                if self.finished:
+                if self.state == X_DONE:
                     return 0                # sending found the client gone
             if used == 0:
                 break
-        if not self.finished:
+        if self.state != X_DONE:
             if up.parser.body_done():
                 return self.complete(up)
             if self.conn is not None:
@@ -830,12 +909,10 @@ cdef class Exchange(Deferred):
         cdef ResponseHead h = up.head
         cdef bytes tail = (b"Connection: upgrade\r\nUpgrade: %b\r\n\r\n"
                            % (h.upgrade or b"websocket"))
-        self.tunnel = True
+        self.state = X_TUNNEL
         self.close_down = True
-        self.head_sent = True
-        self.conn.out.push(relay_head(p, fields_start, end, h, False, tail))
-        self.conn.count(101)
-        up.peer.succeeded()
+        self.conn.push_head(relay_head(p, fields_start, end, h, False, tail), 101)
+        peer_succeeded(up.peer)
         up.parser.start_framing(False, -1, True)
         self.conn.flush()
         if self.conn is not None:
@@ -869,11 +946,10 @@ cdef class Exchange(Deferred):
         if not req.keep_alive or self.conn.close_after:
             self.close_down = True
         connection = 1 if self.close_down else 2 if req.version == 10 else 0
-        self.conn.out.push(relay_head(p, fields_start, end, h, with_length,
-                                      HEAD_TAILS[self.chunked_down * 3 + connection]))
-        self.conn.count(h.status)
-        self.head_sent = True
-        up.peer.succeeded()
+        self.conn.push_head(relay_head(p, fields_start, end, h, with_length,
+                                       HEAD_TAILS[self.chunked_down * 3 + connection]), h.status)
+        self.state = X_RELAY
+        peer_succeeded(up.peer)
         # not flushed here: the body that came with the head goes out in the same send
         return 0
 
@@ -885,9 +961,9 @@ cdef class Exchange(Deferred):
                 out.push(b"%x\r\n%b\r\n" % (len(c), c) if self.chunked_down else c)
 
     cdef int on_upstream_eof(self, Upstream up) except -1:
-        if self.finished:
+        if self.state == X_DONE:
             return 0
-        if self.head_sent and up.rend == up.rstart and up.parser.bstate != 0:
+        if self.state != X_AWAIT and up.rend == up.rstart and up.parser.bstate != 0:
             # close-delimited bodies end here; anything else was cut short
             if up.head.length < 0 and not up.head.chunked and not self.no_body:
                 up.parser.bstate = 0
@@ -898,21 +974,22 @@ cdef class Exchange(Deferred):
 
     cdef int on_upstream_error(self, Upstream up) except -1:
         """A reset or a socket error: never the end of a body, whatever its framing."""
-        if self.finished:
+        if self.state == X_DONE:
             return 0
-        if self.head_sent:
+        if self.state != X_AWAIT:
             return self.cut(up)
         return self.upstream_failed(up, True, 502)
 
     cdef int complete(self, Upstream up) except -1:
         """The whole response is in the client's pipe."""
-        if self.finished or self.conn is None:
+        if self.state == X_DONE or self.conn is None:
             return 0
         cdef bint reusable = not up.head.close and up.rend == up.rstart and up.out.empty() \
             and not (up.head.length < 0 and not up.head.chunked and not self.no_body)
         if self.chunked_down:
             self.conn.out.push(LAST_CHUNK)
-        self.finished = True
+        self.state = X_DONE
+        self.outcome = O_COMPLETE
         self.release(up, reusable and self.body_done, False)
         conn, self.conn = self.conn, None
         (<Connection>conn).task_done(not self.close_down)
@@ -920,12 +997,14 @@ cdef class Exchange(Deferred):
 
     cdef int cut(self, Upstream up) except -1:
         """The response cannot be completed: close the client connection, no fake end."""
-        self.finished = True
-        self.release(up, False, True)
+        self.state = X_DONE
+        self.outcome = O_CUT
+        if up is not None:
+            self.release(up, False, True)
         conn, self.conn = self.conn, None
         if conn is not None:
             (<Connection>conn).flush()        # what was relayed still goes out
-            (<Connection>conn).task = None
+            (<Connection>conn).end_task()
             (<Connection>conn).close()
         return 0
 
@@ -934,7 +1013,7 @@ cdef class Exchange(Deferred):
             self.up = None
         up.peer.active -= 1
         if failed:
-            up.peer.failed((<Loop>self.route.loop).now)
+            peer_failed(up.peer, (<Loop>self.route.loop).now)
         if reusable and up.state == U_ACTIVE:
             up.rstart = up.rend = 0
             up.head = None
@@ -946,10 +1025,10 @@ cdef class Exchange(Deferred):
         """Connecting, writing or reading the head failed (``sent``: the request, or part
         of it, reached the upstream). Retry on the next peer when that is safe: nothing was
         sent, or the request is idempotent and has no body (nginx's proxy_next_upstream)."""
-        if self.finished:
+        if self.state == X_DONE:
             up.close()
             return 0
-        if self.head_sent:
+        if self.state != X_AWAIT:
             return self.cut(up)
         # a pooled connection the upstream had closed says nothing about the peer's health:
         # the same peer is tried again on a new connection
@@ -969,10 +1048,37 @@ cdef class Exchange(Deferred):
     cdef int fail(self, int status) except -1:
         """Answer the client ourselves (502/504) and end the exchange."""
         cdef Connection conn = self.conn
-        self.finished = True
+        self.state = X_DONE
+        self.outcome = O_ANSWERED
         if conn is None:
             return 0
         self.conn = None
+        if not self.body_done:
+            conn.close_after = True     # the rest of the request body is not read
         conn.respond_error(self.req, status)
         conn.task_done(self.body_done)
         return 0
+
+    cdef int fault(self, BaseException exc) except -1:
+        """One of our calls raised (the caller logged it): 502 if the client has had nothing
+        of the response yet, else its connection is cut. Either way the exchange is over."""
+        if self.state == X_DONE:
+            return 0
+        if self.state == X_AWAIT:
+            if self.up is not None:
+                self.release(self.up, False, False)
+            return self.fail(502)
+        return self.cut(self.up)
+
+    cdef str describe(self):
+        return f"the exchange for {self.req.method.decode('latin-1')} " \
+               f"{self.req.target.decode('latin-1')[:200]} from {self.req.peer}"
+
+    # tests: where the exchange stands
+    @property
+    def state_name(self):
+        return ("AWAIT", "RELAY", "TUNNEL", "DONE")[self.state]
+
+    @property
+    def outcome_name(self):
+        return OUTCOMES[self.outcome]
