@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
 import threading
 import time
 from typing import Any
 
+from . import log
 from ._loop import Loop
 from ._proxy import ProxyRoute
 from .balancer import Balancer, HealthChecker, Peer
@@ -25,14 +25,14 @@ from .config import HealthCheckConfig, RouteConfig
 
 Address = tuple[int, Any]
 RESOLVE_EVERY = 30.0
+MAX_PAUSE = 3600.0      # the longest sleep between two rounds of health checks
 
 
 def resolve(host: str, port: int) -> Address | None:
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError as e:
-        print(f"expserver: upstream {host}:{port} does not resolve ({e}); it will fail",
-              file=sys.stderr)
+        log.warn(f"upstream {host}:{port} does not resolve ({e}); requests to it will fail")
         return None
     return family, sockaddr
 
@@ -89,10 +89,12 @@ class Resolver(threading.Thread):
             for peer in self.peers:
                 try:
                     info = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+                    family, _, _, _, sockaddr = info[0]
+                    self.route.set_address(peer, (family, sockaddr))
                 except OSError:
                     continue        # keep the last address that worked
-                family, _, _, _, sockaddr = info[0]
-                self.route.set_address(peer, (family, sockaddr))
+                except Exception as exc:    # never stop resolving for good
+                    log.exception(f"re-resolving upstream {peer.address}", exc)
 
 
 class HealthProbe(threading.Thread):
@@ -109,12 +111,23 @@ class HealthProbe(threading.Thread):
         while True:
             started = time.monotonic()
             for peer in self.checker.peers:
-                ok = self.checker.passed(self.probe(peer))
-                if self.checker.record(peer, ok):
-                    state = "healthy again" if peer.healthy else "unhealthy"
-                    print(f"expserver: upstream {peer.address} is {state}", file=sys.stderr,
-                          flush=True)
-            time.sleep(max(0.0, self.check.interval - (time.monotonic() - started)))
+                self.check_peer(peer)
+            pause = self.check.interval - (time.monotonic() - started)
+            time.sleep(min(max(0.0, pause), MAX_PAUSE))
+
+    def check_peer(self, peer: Peer) -> None:
+        """One probe and its verdict. A fault of our own is logged and changes nothing: the
+        thread goes on checking, and the peer keeps the health it had."""
+        try:
+            ok = self.checker.passed(self.probe(peer))
+            if self.checker.record(peer, ok):
+                if peer.healthy:
+                    log.warn(f"upstream {peer.address} is healthy again")
+                else:
+                    log.warn(f"upstream {peer.address} is unhealthy: its health check "
+                             f"{self.check.path} failed")
+        except Exception as exc:
+            log.exception(f"health check of upstream {peer.address}", exc)
 
     def probe(self, peer: Peer) -> int | None:
         """The status of one probe, or None when it got no valid response."""

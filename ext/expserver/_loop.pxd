@@ -21,6 +21,7 @@ cdef class Loop:
     cdef Py_ssize_t nheap, heapcap
     cdef unsigned long long seq
     cdef public double now       # monotonic time of the current iteration
+    cdef public unsigned long long dispatched   # events handed to handles so far (tests)
     cdef bint frozen             # tests: ``now`` moves only by ``advance``
     cdef list ready              # callbacks to run on the next iteration
     cdef list graveyard          # handles closed during a batch, kept alive until its end

@@ -443,6 +443,7 @@ cdef class Loop:
             h = <Handle>self.evbuf[i].data.ptr
             if not h.registered:
                 continue      # closed earlier in this batch
+            self.dispatched += 1
             try:
                 h.on_events(self.evbuf[i].events)
             except BaseException as exc:

@@ -1,3 +1,5 @@
+cimport cython
+
 cdef enum FlushResult:
     FLUSH_DONE = 0      # everything queued was written
     FLUSH_AGAIN = 1     # the socket is full: wait for EPOLLOUT
@@ -8,6 +10,7 @@ cdef class FileSegment:
     cdef long offset
     cdef long long remaining
 
+@cython.final
 cdef class Pipe:
     cdef list items               # bytes | FileSegment | iterator source, in send order
     cdef Py_ssize_t head          # index of the first unsent item
@@ -16,9 +19,9 @@ cdef class Pipe:
     cdef public Py_ssize_t threshold
     cdef public long long sent    # total bytes written to the sink
     cdef public int streams       # queued FileSegments and sources (each holds a file or more)
-    cdef int push(self, bytes data) except -1
-    cdef int push_file(self, int fd, long offset, long long length) except -1
-    cdef int push_source(self, object iterator, bint chunked) except -1
+    cpdef int push(self, bytes data) except -1
+    cpdef int push_file(self, int fd, long offset, long long length) except -1
+    cpdef int push_source(self, object iterator, bint chunked) except -1
     cdef inline bint full(self):
         # a queued file or stream counts as full: one open file per connection at a time,
         # whatever a pipelining client asks for
@@ -31,8 +34,8 @@ cdef class Pipe:
         self.streams -= 1
     cdef inline bint empty(self):
         return self.head == len(self.items)
-    cdef int flush(self, int fd) except -2
-    cdef void clear(self)
+    cpdef int flush(self, int fd) except -2
+    cpdef void clear(self)
     cdef int _pull(self, object src) except -1
 
 

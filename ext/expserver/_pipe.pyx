@@ -67,13 +67,22 @@ cdef class Pipe:
     def __dealloc__(self):
         self.clear()
 
-    cdef int push(self, bytes data) except -1:
+    # tests: the state the owner sees
+    @property
+    def is_full(self):
+        return self.full()
+
+    @property
+    def is_empty(self):
+        return self.empty()
+
+    cpdef int push(self, bytes data) except -1:
         if len(data):
             self.items.append(data)
             self.size += len(data)
         return 0
 
-    cdef int push_file(self, int fd, long offset, long long length) except -1:
+    cpdef int push_file(self, int fd, long offset, long long length) except -1:
         cdef FileSegment seg = FileSegment.__new__(FileSegment)
         seg.fd = fd
         seg.offset = offset
@@ -82,7 +91,7 @@ cdef class Pipe:
         self.streams += 1
         return 0
 
-    cdef int push_source(self, object iterator, bint chunked) except -1:
+    cpdef int push_source(self, object iterator, bint chunked) except -1:
         cdef _Source src = _Source.__new__(_Source)
         src.it = iter(iterator)
         src.chunked = chunked
@@ -90,7 +99,7 @@ cdef class Pipe:
         self.streams += 1
         return 0
 
-    cdef void clear(self):
+    cpdef void clear(self):
         cdef object item
         if self.items is None:
             return
@@ -127,7 +136,7 @@ cdef class Pipe:
         self.size += len(chunk)
         return 0
 
-    cdef int flush(self, int fd) except -2:
+    cpdef int flush(self, int fd) except -2:
         cdef iovec iov[MAX_IOV]
         cdef msghdr msg
         cdef int n, flags
