@@ -63,9 +63,10 @@ class App:
         self.by_kind = worker.by_kind
         self.hosts = hosts = routing.VirtualHosts([
             (s.hostnames, routing.RouteTable(
-                [(r.req_path, (route_handler(r, s, loop, figures), r.type)) for r in s.routes]
+                [(r.req_path, (route_handler(r, s, loop, figures), r.type, _body_limit(r)))
+                 for r in s.routes]
                 # eXpServer's dashboard polls a server without routes at /api
-                or [("/api", (figures, "metrics"))]))
+                or [("/api", (figures, "metrics", 0))]))
             for s in servers
         ])
         self.table = hosts.only   # one server that takes any host: no selection to make
@@ -81,6 +82,15 @@ class App:
         entry = table.match(req.path)
         if entry is None:
             return error(404)
-        handler, kind = entry
+        handler, kind, limit = entry
         self.by_kind[kind] += 1
+        if limit:
+            if req.content_length > limit:
+                return error(413)
+            req.body_limit = limit      # a chunked body is cut there
         return handler(req)
+
+
+def _body_limit(route: config.RouteConfig) -> int:
+    """The limit App enforces; a reverse_proxy route enforces its own while streaming."""
+    return 0 if route.type == "reverse_proxy" else route.max_body_size

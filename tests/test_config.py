@@ -140,7 +140,8 @@ def test_example_loads_unchanged(example: Path) -> None:
     )
     assert cfg.servers[1].routes == (
         RouteConfig(
-            req_path="/", type="reverse_proxy", upstreams=(UpstreamConfig("localhost", 3000),)
+            req_path="/", type="reverse_proxy", upstreams=(UpstreamConfig("localhost", 3000),),
+            max_body_size=0,
         ),
     )
     assert cfg.servers[2].routes[0].redirect_url == "https://expserver.github.io"
@@ -966,8 +967,22 @@ def test_limit_defaults_everywhere() -> None:
     server, route = cfg.servers[0], cfg.servers[0].routes[0]
     assert limits(cfg, list(LIMITS)) == LIMITS
     assert limits(server, list(LIMITS)) == LIMITS
-    assert limits(route, ROUTE_LIMITS) == {k: LIMITS[k] for k in ROUTE_LIMITS}
+    # a reverse_proxy route streams bodies: no limit unless one is set above it
+    assert limits(route, ROUTE_LIMITS) == {**{k: LIMITS[k] for k in ROUTE_LIMITS},
+                                           "max_body_size": 0}
     assert (cfg.max_connections, cfg.drain_timeout) == (10000, 30.0)
+
+
+def test_proxy_routes_take_a_body_limit_set_above_them() -> None:
+    doc = proxy("a:1")
+    doc["max_body_size"] = 500
+    assert parse(doc, "/").servers[0].routes[0].max_body_size == 500
+    doc = proxy("a:1")
+    doc["servers"][0]["max_body_size"] = 700
+    assert parse(doc, "/").servers[0].routes[0].max_body_size == 700
+    doc = proxy("a:1")
+    doc["servers"][0]["routes"].append({"req_path": "/m", "type": "metrics"})
+    assert parse(doc, "/").servers[0].routes[1].max_body_size == 1048576
 
 
 def test_limit_precedence_route_over_server_over_top_level() -> None:
@@ -1225,10 +1240,13 @@ def test_schema_matches_table(table: config.Table[Any]) -> None:
 
 @pytest.mark.parametrize("table", config.TABLES, ids=lambda t: t.name or "root")
 def test_table_matches_dataclass(table: config.Table[Any]) -> None:
-    names = [f.name for f in dataclasses.fields(table.cls) if f.name != "source"]
-    if table.cls is UpstreamConfig:  # the one key split in two: "address" is host and port
-        names[:2] = ["address"]
-    assert names == list(table.names)
+    # every dataclass field is a key, but for the one key split in two ("address" is host and
+    # port) and the loader's own "source"
+    names = {f.name for f in dataclasses.fields(table.cls)} - {"source"}
+    if table.cls is UpstreamConfig:
+        names = names - {"host", "port"} | {"address"}
+    assert names == set(table.names)
+    assert len(table.names) == len(names)
 
 
 def test_cascading_keys_share_one_default() -> None:

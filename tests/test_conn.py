@@ -86,7 +86,12 @@ def test_no_descriptor_is_left_behind(rig):
     assert open_fds() <= before | {c.sock.fileno() for c in rig.clients if c.sock.fileno() >= 0}
 
 
-def test_settings_defaults_match_the_config_defaults():
+def test_settings_defaults_match_the_config_declarations():
+    """The core's own defaults (used only by tests and embedders) are the config's."""
     from expserver import config
     s = Settings()
-    assert s.max_connections == config.Config.__dataclass_fields__["max_connections"].default
+    shared = [f for f in config.ROOT.fields if hasattr(s, f.name)]
+    assert {f.name for f in shared} >= {"keepalive_timeout", "header_timeout", "send_timeout",
+                                       "body_timeout", "max_body_size", "max_connections"}
+    for field in shared:
+        assert getattr(s, field.name) == config.ROOT.defaults[field.name], field.name

@@ -483,7 +483,7 @@ cdef class Connection(Handle):
         self.rstart += used
         if self.parser.body_done():
             self.next_request()
-        elif 0 < self.settings.max_body_size < self.parser.received:
+        elif 0 < self.current.body_limit < self.parser.received:
             # a chunked body past the limit: its answer is out, the rest is not read
             self.close_after = True
             self.state = C_CLOSING
@@ -510,6 +510,7 @@ cdef class Connection(Handle):
         self.current = req
         self.owed = True
         req.peer = self.peer
+        req.body_limit = self.settings.max_body_size
         if has_body and 0 < self.settings.max_body_size < req.content_length:
             self.close_after = True
             self.respond_error(req, 413)
@@ -538,9 +539,9 @@ cdef class Connection(Handle):
             self.out.hold()
             task.start(self, req)       # may end at once (task_done)
             return 0
-        if has_body and req.expect_continue:
-            # the handler does not read bodies: answer now, and since we cannot know
-            # whether the client will send the body anyway, close afterwards
+        if has_body and (req.expect_continue or status == 413):
+            # the handler does not read bodies (or refused this one): answer now, and since we
+            # cannot know whether the client will send the body anyway, close afterwards
             self.close_after = True
         self.respond(req, status, headers, body)
         if has_body and not self.close_after:

@@ -422,7 +422,8 @@ cdef class Loop:
                 timeout = 0
             elif self.nheap > 0:
                 delay = self.heap[0].key - self.update_time()
-                timeout = 0 if delay <= 0 else <int>(delay * 1000) + 1
+                # epoll takes an int of milliseconds: a far deadline is simply waited for again
+                timeout = 0 if delay <= 0 else <int>(min(delay, 2000000.0) * 1000) + 1
             else:
                 timeout = -1
             self.iterate(timeout)

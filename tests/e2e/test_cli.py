@@ -499,3 +499,26 @@ def test_expserver_sample_config_runs_unchanged(procs, tmp_path):
     assert json.loads(body)["workers"] == 4
     assert p.stop() == 0
     assert b"Traceback" not in p.stderr
+
+
+def test_serve_starts_with_the_largest_values_check_accepts(start, tmp_path):
+    """`check` accepting a config means `serve` starts with it: every bound is what the
+    compiled core can hold (these used to pass check and crash serve with OverflowError)."""
+    from expserver.config.specs import INT32_MAX, INT64_MAX, MAX_SECONDS
+    (tmp_path / "www").mkdir(exist_ok=True)
+    (tmp_path / "www" / "a.txt").write_text("a")
+    served = start(
+        servers=[{
+            "hostnames": ["x" * 63 + ".example", "127.0.0.1"],
+            "routes": [
+                {"req_path": "/", "type": "file_serve", "dir_path": str(tmp_path / "www")},
+                {"req_path": "/up", "type": "reverse_proxy", "upstreams": ["127.0.0.1:9"],
+                 "retries": INT32_MAX, "upstream_keepalive": INT32_MAX,
+                 "max_body_size": INT64_MAX, "connect_timeout": MAX_SECONDS,
+                 "health_check": {"timeout": MAX_SECONDS, "interval": MAX_SECONDS}},
+            ]}],
+        max_body_size=INT64_MAX, max_connections=INT32_MAX, header_timeout=MAX_SECONDS,
+        keepalive_timeout=MAX_SECONDS, drain_timeout=MAX_SECONDS)
+    with served.connect() as sock:
+        sock.sendall(b"GET /a.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")

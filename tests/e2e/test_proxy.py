@@ -993,6 +993,28 @@ def test_max_body_size_is_enforced_before_the_upstream(proxy, up):
     assert get(served, "/small", b"Content-Length: 10\r\n\r\n" + b"s" * 10, "POST").status == 200
 
 
+def test_a_proxy_route_streams_a_3mib_upload_with_no_limit_set(start, up, tmp_path):
+    """eXpServer configs set no body limit: a proxy route takes any size (it streams), while
+    a file route of the same server keeps nginx's 1 MiB and refuses more with 413, then
+    closes."""
+    u = up(http(sha_reply))
+    (tmp_path / "files").mkdir()
+    served = start(routes=[route(u, path="/up"),
+                           {"req_path": "/", "type": "file_serve",
+                            "dir_path": str(tmp_path / "files")}])
+    data = hashlib.shake_256(b"upload").digest(3 * MiB)
+    with Client(served, timeout=10) as c:
+        resp = c.get("/up", b"Content-Length: %d\r\n\r\n" % len(data) + data, "POST")
+    assert resp.status == 200
+    assert resp.body.split()[:2] == [hashlib.sha256(data).hexdigest().encode(), b"3145728"]
+    with served.connect() as sock:
+        sock.sendall(b"POST /f HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 * MiB))
+        r = Reader(sock)
+        status, headers, _ = r.response()
+        assert status == 413 and headers["connection"] == "close"
+        assert r.closed()
+
+
 def test_concurrent_clients_get_their_own_answers(proxy, up):
     def slow_echo(req: UpRequest, conn: UpConn) -> bytes:
         time.sleep(int(req.target.rsplit(b"-", 1)[1]) % 3 * 0.005)

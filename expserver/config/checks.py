@@ -1,0 +1,166 @@
+"""Checks of string values that the generic String spec cannot express (paths, host names,
+addresses, URLs); each takes (text, JSON path, context) and returns the value to keep."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+
+from ..acl import parse_network
+from .specs import ConfigError, String, StringCheck, _Context, _show
+
+# Bytes that would end up raw in a status line or header (Server, Location): CR/LF would let a
+# config inject headers, and a space or control byte would break the URL for clients.
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def req_path(text: str, path: str, ctx: _Context) -> str:
+    if not text.startswith("/"):
+        raise ConfigError(path, f'must start with "/", got {_show(text)}')
+    if _UNSAFE.search(text) or "?" in text or "#" in text:
+        reason = f'must not contain spaces, control characters, "?" or "#", got {_show(text)}'
+        raise ConfigError(path, reason)
+    # Requests have "//" collapsed and are matched on "/" boundaries, so "/api/" and "/api//"
+    # mean "/api"; normalising here keeps route matching a plain prefix comparison.
+    return re.sub("/{2,}", "/", text).rstrip("/") or "/"
+
+
+def dir_path(text: str, path: str, ctx: _Context) -> str:
+    if not text or "\x00" in text:
+        raise ConfigError(path, f"must be a directory path, got {_show(text)}")
+    # Resolved once here, so the server never depends on its working directory.
+    return os.path.abspath(os.path.join(ctx.base_dir, text))
+
+
+def file_name(text: str, path: str, ctx: _Context) -> str:
+    if not text or "/" in text or "\x00" in text or text in (".", ".."):
+        raise ConfigError(path, f'must be a file name (no "/", not "." or ".."), got {_show(text)}')
+    return text
+
+
+def hostname(text: str, path: str, ctx: _Context) -> str:
+    # ASCII only: Host headers carry IDNs as punycode, and str.lower() on Unicode folds
+    # look-alikes (KELVIN SIGN -> "k") that no client would send.
+    if not text or not text.isascii() or _UNSAFE.search(text):
+        raise ConfigError(path, f"must be an ASCII host name (punycode for IDN), got {_show(text)}")
+    name = text.lower()
+    _idna(name.removeprefix("*.") if name.startswith("*.") else name, path)
+    return name
+
+
+def _idna(name: str, path: str) -> None:
+    """The check serve makes when it encodes the name (labels of 1 to 63 characters)."""
+    try:
+        name.rstrip(".").encode("idna")
+    except UnicodeError:
+        reason = f"is not a valid host name (labels of 1 to 63 characters), got {_show(name)}"
+        raise ConfigError(path, reason) from None
+
+
+def listen_host(text: str, path: str, ctx: _Context) -> str:
+    """An address to bind: an IP address, or a name the resolver can be asked about."""
+    if not text or _UNSAFE.search(text):
+        raise ConfigError(path, f"must be an IP address or a host name, got {_show(text)}")
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        _idna(text, path)
+    return text
+
+
+def upstream(text: str, path: str, ctx: _Context) -> str:
+    try:
+        split_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+    return text
+
+
+def check_path(text: str, path: str, ctx: _Context) -> str:
+    # Sent raw in a request line: CR/LF would inject fields, a space would split the line.
+    if not text.startswith("/") or _UNSAFE.search(text) or "#" in text:
+        reason = 'must start with "/" and not contain spaces, control characters or "#", got '
+        raise ConfigError(path, reason + _show(text))
+    return text
+
+
+def host_header(text: str, path: str, ctx: _Context) -> str:
+    if not text or not all("!" <= c <= "~" for c in text):
+        reason = '"client", "upstream" or a Host value (printable ASCII, no spaces)'
+        raise ConfigError(path, f"must be {reason}, got {_show(text)}")
+    return text
+
+
+def network(text: str, path: str, ctx: _Context) -> str:
+    try:
+        parse_network(text)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+    return text
+
+
+def header_value(text: str, path: str, ctx: _Context) -> str:
+    if not text or not all(" " <= c <= "~" for c in text):
+        raise ConfigError(path, f"must be printable ASCII, got {_show(text)}")
+    return text
+
+
+def url(text: str, path: str, ctx: _Context) -> str:
+    if not text or _UNSAFE.search(text):
+        reason = f"must be a URL without spaces or control characters, got {_show(text)}"
+        raise ConfigError(path, reason)
+    return text
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: int() alone would take "+80", "8_0", " 80"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split an upstream ``"host:port"`` (IPv6 as ``"[::1]:8080"``). Raises ValueError."""
+    bad = ValueError(f"{_show(text)} is not host:port")
+    if "://" in text:
+        bad = ValueError(f"{_show(text)} is not host:port (write it without the scheme)")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not _HOST_NAME.fullmatch(host):  # also refuses an unbracketed IPv6 address
+            raise bad
+    if not sep or not _PORT.fullmatch(port):
+        raise bad
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{_show(text)}: port must be between 1 and 65535")
+    return host, int(port)
+
+
+# Schema patterns for what the checks above enforce (ECMA-262 regex, as JSON Schema has).
+_REQ_PATH_PATTERN = "^/[^\\x00-\\x20\\x7f?#]*$"
+_FILE_NAME_PATTERN = "^(?!\\.\\.?$)[^/\\x00]+$"
+UPSTREAM_PATTERN = "^(\\[[^\\]]+\\]|[A-Za-z0-9._-]+):[0-9]{1,5}$"
+_URL_PATTERN = "^[^\\x00-\\x20\\x7f]+$"
+_HOSTNAME_PATTERN = "^[\\x21-\\x7e]+$"
+_HEADER_PATTERN = "^[\\x20-\\x7e]+$"
+_CHECK_PATH_PATTERN = "^/[^\\x00-\\x20\\x7f#]*$"
+
+
+def _pattern(check: StringCheck, pattern: str) -> String:
+    return String(extra=check, keywords=(("pattern", pattern),))
+
+
+REQ_PATH = _pattern(req_path, _REQ_PATH_PATTERN)
+FILE_NAME = _pattern(file_name, _FILE_NAME_PATTERN)
+UPSTREAM_ADDRESS = _pattern(upstream, UPSTREAM_PATTERN)
+URL = _pattern(url, _URL_PATTERN)
+HOSTNAME = _pattern(hostname, _HOSTNAME_PATTERN)
+HOST_VALUE = _pattern(host_header, _HOSTNAME_PATTERN)
+HEADER_VALUE = _pattern(header_value, _HEADER_PATTERN)
+CHECK_PATH = _pattern(check_path, _CHECK_PATH_PATTERN)
+LISTEN_HOST = String(extra=listen_host, keywords=(("minLength", 1),))
+DIR_PATH = String(extra=dir_path, keywords=(("minLength", 1),))
+NETWORK = String(extra=network)

@@ -1,0 +1,404 @@
+"""Every config key, declared once: the frozen dataclasses the server is built from.
+
+Each field is a key (see :func:`.keys.key`): its default, its Spec (type and bounds), whether
+it cascades, and the sentence that documents it in schema.json and the README. The tables
+the loader walks are derived from these classes at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import checks
+from .checks import split_host_port
+from .keys import ALL_TABLES, Field, Nested, Table, build, key
+from .specs import (
+    INT32_MAX,
+    Array,
+    Boolean,
+    ConfigError,
+    Integer,
+    Nullable,
+    Seconds,
+    Spec,
+    String,
+    Workers,
+    _Context,
+    _expected,
+    _join,
+    _show,
+)
+
+ROUTE_TYPES = ("file_serve", "redirect", "reverse_proxy", "metrics")
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+# Keys a route of a given type cannot do without (eXpServer has the same rules).
+REQUIRED_BY_TYPE: dict[str, tuple[str, ...]] = {
+    "file_serve": ("dir_path",),
+    "redirect": ("redirect_url",),
+    "reverse_proxy": ("upstreams",),
+}
+LB_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
+PROXY = ("reverse_proxy",)
+
+
+def _acl(doc: str) -> Any:
+    return key((), spec=Array(checks.NETWORK), doc=doc, ours=False)
+
+
+# --- cascading keys: declared once, inherited top level -> server -> route ----------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    """Keys of a connection: the top level and servers (a head is read before any route is
+    known, so these are the listener's first server's)."""
+
+    keepalive_timeout: float = key(
+        75.0, spec=Seconds(), cascade=True,
+        doc="Seconds an idle keep-alive connection is kept open waiting for the next request "
+            "(nginx's keepalive_timeout).")
+    header_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True,
+        doc="Seconds allowed to receive a complete request head; 408 after that (nginx's "
+            "client_header_timeout).")
+    send_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True,
+        doc="Seconds a write to the client may make no progress before the connection is "
+            "closed (nginx's send_timeout).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """Keys of a request: the top level, servers and routes."""
+
+    max_body_size: int = key(
+        1048576, spec=Integer(0), cascade=True, type_defaults={"reverse_proxy": 0},
+        default_doc="`1048576`; `0` on reverse_proxy routes",
+        doc="Largest request body accepted, in bytes; larger bodies get 413. 0 means no limit. "
+            "Routes that do not stream the body default to 1 MiB (nginx's "
+            "client_max_body_size); reverse_proxy routes, which stream it with backpressure, "
+            "default to no limit (as Caddy, HAProxy and eXpServer) unless a value is set "
+            "here, on their server or at the top level.")
+    body_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True,
+        doc="Seconds a request body may go without a new byte arriving before the connection "
+            "is closed (nginx's client_body_timeout).")
+    connect_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True, only=PROXY,
+        doc="reverse_proxy: seconds allowed to connect to an upstream; a peer that does not "
+            "connect in time counts as failed and the request may go to the next one (nginx's "
+            "proxy_connect_timeout).")
+    upstream_read_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True, only=PROXY,
+        doc="reverse_proxy: seconds an upstream may go without sending a byte while its "
+            "response is awaited or relayed: 504 if the client has not had a byte of the "
+            "response yet, else its connection is closed (nginx's proxy_read_timeout).")
+    upstream_send_timeout: float = key(
+        60.0, spec=Seconds(), cascade=True, only=PROXY,
+        doc="reverse_proxy: seconds a write of the request to an upstream may make no "
+            "progress before the exchange is abandoned (nginx's proxy_send_timeout).")
+
+
+# --- objects ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    host: str = key(
+        spec=checks.LISTEN_HOST, ours=False,
+        doc='Address to bind: an IPv4 or IPv6 address, or a host name such as "localhost". '
+            '"0.0.0.0" accepts on every IPv4 interface.')
+    port: int = key(spec=Integer(1, 65535), ours=False,
+                    doc="TCP port to listen on (1-65535).")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream server, with nginx's ``server`` parameters (weight, max_fails, ...)."""
+
+    host: str  # IPv6 without brackets; "address" in the config (see UPSTREAM below)
+    port: int
+    weight: int = key(1, spec=Integer(1, 1000), ours=False,
+                      doc="Share of requests relative to the route's other upstreams (nginx's "
+                          "weight).")
+    max_fails: int = key(
+        1, spec=Integer(0, INT32_MAX), ours=False,
+        doc="Failed attempts (refused, reset, timed out, invalid reply), each within "
+            "fail_timeout of the one before, that mark this upstream down for fail_timeout; "
+            "then a single request tries it again. 0: never marked down. Ignored when the "
+            "route has a single upstream (nginx's max_fails).")
+    fail_timeout: float = key(
+        10.0, spec=Seconds(), ours=False,
+        doc="Seconds that count failures together, and that a down upstream stays down "
+            "(nginx's fail_timeout).")
+    backup: bool = key(
+        False, spec=Boolean(), ours=False,
+        doc="Requests go here only while no primary (non-backup) upstream is available "
+            "(nginx's backup).")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a config spells it (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    path: str = key("/", spec=checks.CHECK_PATH, ours=False,
+                    doc="Path (and query) of the GET sent to each upstream.")
+    interval: float = key(5.0, spec=Seconds(), ours=False,
+                          doc="Seconds between two checks of one upstream.")
+    timeout: float = key(2.0, spec=Seconds(), ours=False,
+                         doc="Seconds a check may take; a slower one fails.")
+    expect_status: int = key(
+        200, spec=Integer(100, 599), ours=False,
+        doc="Status of a passing check; any other status, a connection error or a timeout "
+            "fails it.")
+    passes: int = key(1, spec=Integer(1, INT32_MAX), ours=False,
+                      doc="Passing checks in a row that bring an unhealthy upstream back.")
+    fails: int = key(1, spec=Integer(1, INT32_MAX), ours=False,
+                     doc="Failing checks in a row that take a healthy upstream out.")
+
+
+class UpstreamSpec(Spec):
+    """An upstream: eXpServer's ``"host:port"`` string, or an object with nginx's parameters."""
+
+    def check(self, value: object, path: str, ctx: _Context) -> object:
+        if isinstance(value, str):
+            return _make_upstream({"address": checks.upstream(value, path, ctx)})
+        if isinstance(value, dict):
+            return build(UPSTREAM, value, path, ctx)
+        raise _expected(path, 'a "host:port" string or an object', value)
+
+    def schema(self) -> dict[str, Any]:
+        string = {"type": "string", "pattern": checks.UPSTREAM_PATTERN}
+        return {"oneOf": [string, {"$ref": "#/$defs/upstream"}]}
+
+    def words(self) -> str:
+        return "string or upstream object"
+
+
+@dataclass(frozen=True)
+class RouteConfig(RequestLimits):
+    req_path: str = key(
+        spec=checks.REQ_PATH, ours=False,
+        doc='Path prefix this route serves; starts with "/". Matched on "/" boundaries: "/api" '
+            'matches "/api" and "/api/x" but not "/api2". A trailing "/" is ignored.')
+    type: str = key(
+        spec=String(choices=ROUTE_TYPES), ours=False,
+        doc='What the route does: "file_serve" serves files from dir_path, "redirect" answers '
+            'with a redirect to redirect_url, "reverse_proxy" forwards to upstreams, "metrics" '
+            "serves the server's metrics.")
+    dir_path: str | None = key(
+        None, spec=checks.DIR_PATH, ours=False,
+        doc="file_serve: directory to serve files from (required). A relative path resolves "
+            "against the directory of the config file; the directory must exist.")
+    index: tuple[str, ...] = key(
+        ("index.html",), spec=Array(checks.FILE_NAME), ours=False,
+        doc='file_serve: file names tried, in order, when a directory is requested. Names '
+            'only: no "/", not "." or "..".')
+    autoindex: bool = key(
+        True, spec=Boolean(),
+        doc="file_serve: list the directory's contents when it has no index file; when false "
+            "such a request gets 403 (nginx's autoindex).")
+    dotfiles: str = key(
+        "deny", spec=String(choices=("deny", "allow")),
+        doc='file_serve: "deny" answers 404 for names starting with "." (such as .git or '
+            '.env); "allow" serves them.')
+    upstreams: tuple[UpstreamConfig, ...] = key(
+        (), spec=Array(UpstreamSpec()), ours=False,
+        doc='reverse_proxy: the upstream servers, at least one (required), each as '
+            'eXpServer\'s "host:port" (IPv6 as "[::1]:8080") or as an object with an address '
+            "and nginx's server parameters (weight, max_fails, fail_timeout, backup). At "
+            "least one must not be a backup.")
+    http_status_code: int = key(302, spec=Integer(choices=REDIRECT_CODES), ours=False,
+                                doc="redirect: status code of the redirect.")
+    redirect_url: str | None = key(None, spec=checks.URL, ours=False,
+                                   doc="redirect: URL sent in the Location header (required).")
+    ip_whitelist: tuple[str, ...] = _acl(
+        "Client addresses (IPv4/IPv6 addresses or CIDR blocks) admitted to this route; empty "
+        "admits all. An IPv4-mapped IPv6 client (::ffff:a.b.c.d) matches IPv4 entries. "
+        "Refused clients get 403.")
+    ip_blacklist: tuple[str, ...] = _acl(
+        "Client addresses (IPv4/IPv6 addresses or CIDR blocks) refused with 403 on this route, "
+        "checked after the whitelist.")
+    gzip_enable: bool = key(False, spec=Boolean(), ours=False,
+                            doc="Compress responses with gzip for clients that accept it.")
+    gzip_level: int = key(6, spec=Integer(1, 9), ours=False,
+                          doc="gzip compression level, 1 (fastest) to 9 (smallest).")
+    brotli_enable: bool = key(False, spec=Boolean(),
+                              doc="Compress responses with brotli for clients that accept it.")
+    brotli_level: int = key(4, spec=Integer(0, 11),
+                            doc="brotli compression level, 0 (fastest) to 11 (smallest).")
+    compress_min_length: int = key(
+        256, spec=Integer(0),
+        doc="Smallest response body, in bytes, that is compressed (nginx's gzip_min_length).")
+    lb_method: str = key(
+        "round_robin", spec=String(choices=LB_METHODS), only=PROXY,
+        doc='reverse_proxy: how a request picks its upstream. "round_robin": smooth weighted '
+            'round-robin (nginx\'s default); "least_conn": fewest active connections relative '
+            "to weight, ties in round-robin order (nginx's least_conn); \"ip_hash\": a "
+            "consistent hash ring on the client address, so a client keeps its upstream and "
+            "adding one moves about 1/n of the clients (nginx's hash $remote_addr consistent); "
+            '"random_two": the less busy of two weighted random picks (nginx\'s random two '
+            "least_conn).")
+    proxy_host_header: str = key(
+        "client", spec=checks.HOST_VALUE, only=PROXY,
+        doc='reverse_proxy: the Host field sent upstream. "client" keeps the client\'s; '
+            "\"upstream\" sends the chosen upstream's host:port (nginx's default, $proxy_host); "
+            "any other value is sent as written (nginx's proxy_set_header Host).")
+    health_check: HealthCheckConfig | None = key(
+        None, spec=Nullable(Nested(Table("health_check", HealthCheckConfig, ()))), only=PROXY,
+        doc="reverse_proxy: active health checks, or null (the default) for none. Each "
+            "upstream gets a GET for the check's path every interval; one that fails `fails` "
+            "checks in a row gets no requests until it passes `passes` in a row. Passive "
+            "failure counting (max_fails) applies either way (nginx Plus's health_check).")
+    # None: one attempt per upstream (len(upstreams) - 1 retries)
+    retries: int | None = key(
+        None, spec=Integer(0, INT32_MAX), only=PROXY, default_doc="upstreams − 1",
+        doc="reverse_proxy: how many more upstreams a failed request may try, each at most "
+            "once: after a failed connect always, after the request was sent only if it is "
+            "idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE). Default: every other "
+            "upstream; 0: no retries (nginx's proxy_next_upstream_tries, which counts the "
+            "first try too).")
+    upstream_keepalive: int = key(
+        32, spec=Integer(0, INT32_MAX), only=PROXY,
+        doc="reverse_proxy: idle connections to each upstream kept for reuse, at least this "
+            "many; the pool grows to the most requests that upstream had in flight at once (up "
+            "to 1024), so a burst larger than the pool does not make every request connect "
+            "anew (nginx's fixed keepalive pool does). Idle connections close after 60 s; 0 "
+            "closes each connection after its response.")
+
+
+@dataclass(frozen=True)
+class ServerConfig(ConnectionLimits, RequestLimits):
+    listeners: tuple[ListenerConfig, ...] = key(
+        spec=Array(Nested(Table("listener", ListenerConfig, ())), min_items=1), ours=False,
+        doc="Addresses this server accepts connections on. Several servers may share one "
+            "listener and are then told apart by hostnames.")
+    hostnames: tuple[str, ...] = key(
+        (), spec=Array(checks.HOSTNAME), ours=False,
+        doc="Host names (the Host header without its port, compared case-insensitively) this "
+            "server answers; empty means any host. ASCII only: write internationalised names "
+            "in punycode.")
+    routes: tuple[RouteConfig, ...] = key(
+        (), spec=Array(Nested(Table("route", RouteConfig, ()))), ours=False,
+        doc="The routes of this server. A request takes the route with the longest req_path "
+            'that is a prefix of its path on a "/" boundary; with no matching route it gets '
+            "404. A server without routes answers eXpServer's dashboard at /api (the metrics "
+            "JSON) and 404 elsewhere.")
+    ip_whitelist: tuple[str, ...] = _acl(
+        "Client addresses (IPv4/IPv6 addresses or CIDR blocks) admitted to every route of "
+        "this server; empty admits all. Checked before the route's own lists; refused clients "
+        "get 403.")
+    ip_blacklist: tuple[str, ...] = _acl(
+        "Client addresses (IPv4/IPv6 addresses or CIDR blocks) refused with 403 on every route "
+        "of this server, after the whitelist.")
+
+
+@dataclass(frozen=True)
+class Config(ConnectionLimits, RequestLimits):
+    servers: tuple[ServerConfig, ...] = key(
+        spec=Array(Nested(Table("server", ServerConfig, ())), min_items=1), ours=False,
+        doc="The virtual servers. Each has its own listeners, host names and routes; a request "
+            "goes to the first server with a matching listener whose hostnames are empty or "
+            "contain the request's host.")
+    server_name: str = key(
+        "eXpServer", spec=checks.HEADER_VALUE, ours=False,
+        doc="Name of this server instance (eXpServer shows it in its dashboard). Responses "
+            "always carry `Server: eXpServer`.")
+    workers: int = key(1, spec=Workers(), ours=False,
+                       doc='Number of worker processes, or "auto" for one per CPU.')
+    max_connections: int = key(
+        10000, spec=Integer(1, INT32_MAX),
+        doc="Most client connections one worker holds at once; at the limit it stops "
+            "accepting until one closes (nginx's worker_connections).")
+    drain_timeout: float = key(
+        30.0, spec=Seconds(),
+        doc="Seconds a graceful shutdown (QUIT) lets in-flight requests finish before the "
+            "connections left are closed (nginx's worker_shutdown_timeout).")
+    source: str | None = None  # not a key: set by load()
+
+
+# --- cross-field checks -------------------------------------------------------------------------
+
+
+def _make_upstream(values: dict[str, Any]) -> UpstreamConfig:
+    host, port = split_host_port(values.pop("address"))  # checked by checks.upstream already
+    return UpstreamConfig(host, port, **values)
+
+
+def _finish_route(values: dict[str, Any], path: str) -> None:
+    kind = values["type"]
+    for name in REQUIRED_BY_TYPE.get(kind, ()):
+        if name not in values:
+            raise ConfigError(path, f"{name} is required for a {kind} route")
+    if kind == "reverse_proxy" and not values["upstreams"]:
+        raise ConfigError(_join(path, "upstreams"), "must not be empty for a reverse_proxy route")
+    if kind == "reverse_proxy" and all(u.backup for u in values["upstreams"]):
+        # Backups stand in for primaries that are down; with no primary nothing is backed up.
+        reason = "at least one upstream must not be a backup"
+        raise ConfigError(_join(path, "upstreams"), reason)
+    for field in ROUTE.fields:
+        if field.only and kind not in field.only and field.name in values:
+            where = " or ".join(f"a {k}" for k in field.only)
+            raise ConfigError(_join(path, field.name), f"only applies to {where} route")
+    if kind == "file_serve":
+        directory = values["dir_path"]
+        if not os.path.exists(directory):
+            reason = f"directory {_show(directory)} does not exist"
+            raise ConfigError(_join(path, "dir_path"), reason)
+        if not os.path.isdir(directory):
+            raise ConfigError(_join(path, "dir_path"), f"{_show(directory)} is not a directory")
+
+
+def _finish_server(values: dict[str, Any], path: str) -> None:
+    # Two routes with one req_path: the second could never be chosen (nginx refuses this too).
+    seen: dict[str, int] = {}
+    for i, route in enumerate(values.get("routes", ())):
+        if route.req_path in seen:
+            first = f"{path}.routes[{seen[route.req_path]}]"
+            reason = f"{_show(route.req_path)} is already used by {first}"
+            raise ConfigError(f"{path}.routes[{i}].req_path", reason)
+        seen[route.req_path] = i
+
+
+# --- the tables, derived from the declarations above --------------------------------------------
+
+LISTENER = Table.of("listener", ListenerConfig, "One address and port to accept connections on.")
+UPSTREAM = Table.of(
+    "upstream", UpstreamConfig,
+    'One upstream server with nginx\'s server parameters; the string "host:port" is the same as '
+    '{"address": "host:port"}.',
+    extra=(Field("address", checks.UPSTREAM_ADDRESS, ours=False,
+                 doc='The upstream server as "host:port" (IPv6 as "[::1]:8080").'),),
+    make=_make_upstream)
+HEALTH_CHECK = Table.of("health_check", HealthCheckConfig,
+                        "An active health check of every upstream of a reverse_proxy route.")
+ROUTE = Table.of("route", RouteConfig, "What to do with requests under one path prefix.",
+                 finish=_finish_route)
+SERVER = Table.of("server", ServerConfig,
+                  "A virtual server: where it listens, which hosts it answers, and its routes.",
+                  finish=_finish_server)
+ROOT = Table.of(
+    "", Config,
+    "Configuration of expserver: eXpServer's JSON config format, whose keys keep their "
+    'eXpServer meaning, plus keys of our own (marked "Not an eXpServer key"). The same '
+    "document may be written as TOML.")
+
+TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE, UPSTREAM, HEALTH_CHECK)
+ALL_TABLES.extend(TABLES)
+# The tables the Nested specs above were declared with (before these existed) are stand-ins
+# holding the name and class; point them at the real ones.
+for _table in TABLES:
+    for _field in _table.fields:
+        _spec = _field.spec.inner if isinstance(_field.spec, Nullable) else _field.spec
+        _spec = _spec.item if isinstance(_spec, Array) else _spec
+        if isinstance(_spec, Nested):
+            _spec.table = next(t for t in TABLES if t.cls is _spec.table.cls)
+
+# Route keys that only mean something to a proxy: on another route type they are a mistake
+# (most likely a wrong "type"), so they are refused rather than silently ignored.
+PROXY_KEYS = tuple(f.name for f in ROUTE.fields if f.only == PROXY)
