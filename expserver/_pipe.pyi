@@ -1,6 +1,12 @@
 """Stub of the compiled pipes (ext/expserver/_pipe.pyx)."""
 from collections.abc import Iterable
 
+class FileRange:
+    fd: int
+    offset: int
+    length: int
+    def __init__(self, fd: int, offset: int, length: int) -> None: ...
+
 class FileSegment: ...
 
 class Pipe:

@@ -1,6 +1,6 @@
-"""What a handler hands back to the connection.
+"""What a handler hands back to the connection: an answer now, or an answer later.
 
-A handler returns a tuple ``(status, headers, body)``:
+**Answer now**: a tuple ``(status, headers, body)``:
 
 * ``status``  -- int status code.
 * ``headers`` -- bytes: zero or more complete ``Name: value\\r\\n`` lines. The handler never
@@ -12,19 +12,58 @@ A handler returns a tuple ``(status, headers, body)``:
 
 For HEAD the handler returns what GET would return (so Content-Length matches) and the
 connection drops the body; a :class:`FileRange` with ``fd == -1`` is fine for HEAD.
+
+**Answer later**: an instance of :class:`Later` (or a compiled deferred such as the proxy's
+exchange). The connection calls ``started(req)``, passes the request body to ``body(data,
+done)`` as it arrives, and ``aborted()`` if the client leaves; the object answers with
+``respond(status, headers, body)`` (the same three parts) whenever it is ready.
+:class:`ReadBody` is the common case: answer once the whole body has been read.
+
+Either way the route's policies run around the handler (expserver/policy.py): the checks
+before it, and header rules, CORS and error pages on whatever it answers, one place for
+every route type.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 
-class FileRange:
-    """``length`` bytes of open file ``fd`` from ``offset``; the connection closes ``fd``."""
+from ._conn import Later
+from ._pipe import FileRange
 
-    __slots__ = ("fd", "offset", "length")
+Answer = tuple[int, bytes, object]
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.length = length
+__all__ = ["Answer", "FileRange", "Later", "ReadBody"]
 
-    def __repr__(self) -> str:
-        return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"
+
+_TOO_BIG = (413, b"Content-Type: text/plain\r\n", b"request body too large\n")
+
+
+class ReadBody(Later):
+    """Answer with ``answer(req, body)`` once the whole request body is read (at most
+    ``limit`` bytes: a larger body is answered 413 and the connection closed)."""
+
+    def __init__(self, answer: Callable[[Any, bytes], Answer], limit: int = 1 << 20) -> None:
+        self.answer = answer
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def started(self, req: Any) -> None:
+        if not (req.chunked or req.content_length > 0):
+            self.respond(*self.answer(req, b""))
+        elif req.content_length > self.limit:
+            self.respond(*_TOO_BIG)
+
+    def body(self, data: bytes, done: bool) -> None:
+        if self.answered:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.parts = []
+            self.respond(*_TOO_BIG)
+            return
+        self.parts.append(data)
+        if done:
+            body, self.parts = b"".join(self.parts), []
+            self.respond(*self.answer(self.request, body))

@@ -1,6 +1,6 @@
 from libc.stdint cimport uint32_t
 from expserver._loop cimport Loop, Handle
-from expserver._pipe cimport Pipe
+from expserver._pipe cimport Pipe, FileRange
 from expserver._http cimport Parser, Request
 
 
@@ -39,9 +39,9 @@ cdef class Listener(Handle):
 
 
 cdef class Deferred:
-    """An answer that is not ready when the handler returns (the proxy's exchanges).
+    """An answer that is not ready when the handler returns (the proxy's exchanges, Later).
 
-    The handler returns ``(0, b"", deferred)``; the connection then calls ``start``, feeds
+    The handler returns the deferred instead of a tuple; the connection then calls ``start``, feeds
     the request body through ``on_body`` while ``body_full`` is false, tells ``on_drain``
     when its pipe has room again, ``abort`` if the client goes away, and ``fault`` if one of
     these calls raised. The deferred queues its response head with ``conn.push_head`` and
@@ -53,6 +53,11 @@ cdef class Deferred:
     cdef int on_drain(self) except -1
     cdef int abort(self) except -1
     cdef int fault(self, BaseException exc) except -1
+
+
+cdef class Later(Deferred):
+    cdef Connection conn
+    cdef Request req
 
 
 # What the next bytes from the client mean (see the transition table in _conn.pyx).
@@ -100,7 +105,7 @@ cdef class Connection(Handle):
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1
     cdef int push_head(self, bytes head, int status) except -1
     cdef int count(self, int status) except -1
-    cdef void close_file(self, object fr)
+    cdef void close_file(self, FileRange fr)
     cdef int fail(self, int status) except -1
     cdef int flush(self) except -1
     cdef int arm_deadline(self, long long sent_before) except -1

@@ -67,12 +67,11 @@ from libc.string cimport memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, SMALL_BUFFER
-from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
+from expserver._pipe cimport Pipe, FileRange, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
 from expserver._http cimport Parser, Request, AGAIN
 
 from expserver import log
 from expserver.pages import page as error_page
-from expserver.response import FileRange
 
 DEF LINGER_SECONDS = 5.0
 DEF ACCEPT_BATCH = 64
@@ -84,7 +83,6 @@ cdef bytes CONN_CLOSE = b"Connection: close\r\n"
 cdef bytes CONN_KEEP = b"Connection: keep-alive\r\n"
 cdef bytes TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 cdef bytes CT_HTML = b"Content-Type: text/html\r\n"
-cdef object _FileRange = FileRange
 
 # "HTTP/1.1 200 OK\r\nServer: eXpServer\r\nDate: " per status, built once
 cdef dict STATUS_LINES = {}
@@ -263,6 +261,67 @@ cdef class Deferred:
 
     cdef int fault(self, BaseException exc) except -1:
         return 0
+
+
+cdef class Later(Deferred):
+    """An answer that a Python object gives when it is ready (see expserver/response.py).
+
+    Subclass it in Python and override ``started(req)`` (called once, when the request head
+    is complete), ``body(data, done)`` (the request body as it arrives; ``done`` on the last
+    piece) and ``aborted()`` (the client went away: nothing can be sent any more). Answer
+    with ``respond(status, headers, body)`` at any time, from any callback of the loop,
+    ``started`` included. Until then the connection waits without a deadline of its own:
+    a Later that may never answer must arrange its own timeout (``Loop.call_later``).
+    """
+
+    cdef int start(self, Connection conn, Request req) except -1:
+        self.conn = conn
+        self.req = req
+        self.started(req)
+        return 0
+
+    cdef int on_body(self, list chunks, bint done) except -1:
+        if chunks or done:
+            self.body(join_bytes(chunks), done)
+        return 0
+
+    cdef int abort(self) except -1:
+        self.conn = None
+        self.aborted()
+        return 0
+
+    cdef int fault(self, BaseException exc) except -1:
+        self.respond(500, CT_HTML, error_page(500))     # nothing if it had answered
+        return 0
+
+    def started(self, req):
+        pass
+
+    def body(self, data, done):
+        pass
+
+    def aborted(self):
+        pass
+
+    @property
+    def request(self):
+        return self.req
+
+    @property
+    def answered(self):
+        return self.conn is None
+
+    def respond(self, int status, bytes headers, body=None):
+        """Send the answer (framed by the connection, as a handler's tuple is); False if the
+        client has gone or an answer was already given."""
+        cdef Connection conn = self.conn
+        if conn is None:
+            return False
+        self.conn = None
+        conn.respond(self.req, status, headers, body)
+        if conn.task is self:
+            conn.task_done(True)    # a body still arriving is read and discarded
+        return True
 
 
 cdef class Connection(Handle):
@@ -517,16 +576,19 @@ cdef class Connection(Handle):
             self.next_request()
             return 0
         try:
-            status, headers, body = self.listener.handler(req)
-            if status == 0:
-                task = <Deferred?>body
+            answer = self.listener.handler(req)
+            if type(answer) is tuple:
+                status, headers, body = <tuple>answer
+                task = None
+            else:
+                task = <Deferred?>answer
         except Exception as exc:
             log.exception(f"the handler of the {self.describe()}", exc)
             self.close_after = True
             self.respond_error(req, 500)
             self.next_request()
             return 0
-        if status == 0:
+        if task is not None:
             # a deferred answer (the proxy): it reads the body and writes the response
             if has_body:
                 if req.expect_continue:
@@ -556,21 +618,32 @@ cdef class Connection(Handle):
         return 0
 
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1:
-        cdef bint close = self.close_after or not req.keep_alive or self.core.draining
+        cdef bint close
         cdef bint head_only = req.method is HEAD_METHOD or req.method == HEAD_METHOD
         cdef object framing
-        cdef type t = type(body)
+        cdef type t
+        cdef object given = body
+        if req.policy is not None:
+            # the route's response policy: header rules, CORS, error pages (expserver.policy)
+            try:
+                status, headers, body = req.policy.answer(req, status, headers, body)
+            except Exception as exc:
+                log.exception(f"the response policy of the {self.describe()}", exc)
+            if body is not given and type(given) is FileRange:
+                self.close_file(given)      # replaced (an error page): its file is not sent
+        close = self.close_after or not req.keep_alive or self.core.draining
+        t = type(body)
         if status < 200 or status == 204 or status == 304:
             framing = b""
-            if t is _FileRange:
+            if t is FileRange:
                 self.close_file(body)
             body = None
         elif t is bytes:
             framing = b"Content-Length: %d\r\n" % len(<bytes>body)
         elif body is None:
             framing = b"Content-Length: 0\r\n"
-        elif t is _FileRange:
-            framing = b"Content-Length: %d\r\n" % body.length
+        elif t is FileRange:
+            framing = b"Content-Length: %d\r\n" % (<FileRange>body).length
         elif req.version == 11:
             framing = TE_CHUNKED
         else:
@@ -582,13 +655,14 @@ cdef class Connection(Handle):
             status_prefix(status), http_date(self.loop.now), headers, framing,
             CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]), status)
         if head_only or body is None:
-            if t is _FileRange:
+            if t is FileRange:
                 self.close_file(body)
         elif t is bytes:
             self.out.push(<bytes>body)
-        elif t is _FileRange:
-            if body.length > 0:
-                self.out.push_file(body.fd, body.offset, body.length)
+        elif t is FileRange:
+            if (<FileRange>body).length > 0:
+                self.out.push_file((<FileRange>body).fd, (<FileRange>body).offset,
+                                   (<FileRange>body).length)
             else:
                 self.close_file(body)
         else:
@@ -621,7 +695,7 @@ cdef class Connection(Handle):
             stats.res_time_peak = elapsed
         return 0
 
-    cdef void close_file(self, object fr):
+    cdef void close_file(self, FileRange fr):
         if fr.fd >= 0:
             close(fr.fd)
             fr.fd = -1

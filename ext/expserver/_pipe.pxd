@@ -5,6 +5,12 @@ cdef enum FlushResult:
     FLUSH_AGAIN = 1     # the socket is full: wait for EPOLLOUT
     FLUSH_ERROR = -1    # the peer is gone
 
+cdef class FileRange:
+    cdef public int fd
+    cdef public long long offset
+    cdef public long long length
+
+
 cdef class FileSegment:
     cdef int fd
     cdef long offset

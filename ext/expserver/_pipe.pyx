@@ -43,6 +43,19 @@ cdef bytes join_bytes(list parts):
     return out
 
 
+cdef class FileRange:
+    """A handler's body: ``length`` bytes of open file ``fd`` from ``offset`` (see
+    expserver/response.py); the connection closes ``fd``."""
+
+    def __init__(self, int fd, long long offset, long long length):
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self):
+        return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"
+
+
 cdef class FileSegment:
     pass
 

@@ -4,7 +4,7 @@
 Theory of operation
 -------------------
 A ``ProxyRoute`` is the handler of one ``reverse_proxy`` route: called per request, it
-returns ``(0, b"", Exchange)``, a deferred answer the client ``Connection`` then drives.
+returns an ``Exchange``, a deferred answer the client ``Connection`` then drives.
 
 An ``Exchange`` is one proxied request. It asks the route's balancer for a peer, takes an
 idle ``Upstream`` from that peer's pool (or connects a new one) and queues the request head
@@ -324,6 +324,18 @@ cdef bytes relay_head(const unsigned char *p, Py_ssize_t fields_start, Py_ssize_
     return out
 
 
+cdef bytes with_policy(Request req, int status, bytes relayed, bytes tail):
+    """A relayed head (ending in one CRLF) passed through the route's response policy, which
+    edits its field lines (header rules, CORS); then our framing ``tail``."""
+    cdef Py_ssize_t start = relayed.find(b"\r\n") + 2
+    cdef bytes block = relayed[start:len(relayed) - 2]
+    try:
+        block = req.policy.head(req, status, block)
+    except Exception as exc:
+        log.exception(f"the response policy for {req.target!r}", exc)
+    return relayed[:start] + block + tail
+
+
 cdef class PeerPool:
     """A peer's idle upstream connections, and the most requests it had in flight at once."""
     cdef list idle
@@ -365,7 +377,7 @@ cdef class ProxyRoute:
     def __call__(self, Request req):
         cdef Exchange ex = Exchange.__new__(Exchange)
         ex.route = self
-        return 0, b"", ex
+        return ex
 
     def set_address(self, peer, addr):
         """A peer's address changed (re-resolution); new connections use it."""
@@ -929,6 +941,7 @@ cdef class Exchange(Deferred):
         cdef bint head_only = req.method == b"HEAD"
         cdef bint with_length = False
         cdef int connection             # the Connection line we add: none, close, keep-alive
+        cdef bytes tail, head
         self.no_body = head_only or h.status == 204 or h.status == 304
         if self.no_body:
             with_length = head_only and h.length >= 0
@@ -946,8 +959,13 @@ cdef class Exchange(Deferred):
         if not req.keep_alive or self.conn.close_after:
             self.close_down = True
         connection = 1 if self.close_down else 2 if req.version == 10 else 0
-        self.conn.push_head(relay_head(p, fields_start, end, h, with_length,
-                                       HEAD_TAILS[self.chunked_down * 3 + connection]), h.status)
+        tail = HEAD_TAILS[self.chunked_down * 3 + connection]
+        if req.policy is None:
+            head = relay_head(p, fields_start, end, h, with_length, tail)
+        else:
+            head = with_policy(req, h.status, relay_head(p, fields_start, end, h, with_length,
+                                                         CRLF), tail)
+        self.conn.push_head(head, h.status)
         self.state = X_RELAY
         peer_succeeded(up.peer)
         # not flushed here: the body that came with the head goes out in the same send
