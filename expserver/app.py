@@ -1,6 +1,10 @@
-"""The request handler of one listener: virtual host, ACL, route, then the route's handler.
+"""Sites and the request handler of a listener: virtual host, route, policies, handler.
 
-This is the one Python call the connection makes per request (see ext/expserver/_conn.pyx).
+A :class:`Site` is one server of the config, built once per worker: its routes' handlers,
+balancers, upstream pools, health probes and caches exist once, whatever the number of
+listeners (plain and TLS) it answers on. An :class:`App` is what one listener calls, once
+per request (see ext/expserver/_conn.pyx): it picks the site by Host among the listener's
+sites, then the route, then runs the route's policies and its handler (expserver/policy.py).
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from . import acl, config, metrics, proxy, routing, static
 from .pages import page
+from .policy import Answer, Check, ResponsePolicy, acl_check, body_limit_check, response_policy
 from .redirect import Redirect
 
 # Methods we know (RFC 9110 + PATCH): anything else is 501, as nginx does.
@@ -18,79 +23,106 @@ _HTML = b"Content-Type: text/html\r\n"
 
 
 def error(status: int) -> tuple[int, bytes, bytes]:
+    """The built-in error answer (a route's error pages replace it on the way out)."""
     return status, _HTML, page(status)
 
 
-class Guarded:
-    """A handler behind ACLs (the server's, then the route's): each must admit the client."""
+class Route:
+    """A route's handler behind its policies."""
 
-    __slots__ = ("rules", "handler")
+    __slots__ = ("handler", "kind", "checks", "policy")
 
-    def __init__(self, rules: list[acl.Acl], handler: routing.Handler) -> None:
-        self.rules = rules
+    def __init__(self, handler: routing.Handler, kind: str, checks: list[Check],
+                 policy: ResponsePolicy | None) -> None:
         self.handler = handler
+        self.kind = kind
+        self.checks = checks
+        self.policy = policy
 
-    def __call__(self, req: Any) -> tuple[int, bytes, object]:
-        for rule in self.rules:
-            if not rule.allows(req.peer):
-                return error(403)
+    @property
+    def plain(self) -> bool:
+        return not self.checks and self.policy is None
+
+    def serve(self, req: Any) -> Answer:
+        if self.policy is not None:
+            req.policy = self.policy    # the checks' answers get the policy too
+        for check in self.checks:
+            answer = check(req)
+            if answer is not None:
+                return answer
         return self.handler(req)
 
 
-def route_handler(route: config.RouteConfig, server: config.ServerConfig, loop: Any,
-                  figures: metrics.Metrics) -> routing.Handler:
-    handler: routing.Handler
+def handler_of(route: config.RouteConfig, loop: Any, figures: metrics.Metrics) -> Any:
     if route.type == "file_serve":
-        handler = static.FileServe(route).serve
-    elif route.type == "redirect":
-        handler = Redirect(route)
-    elif route.type == "reverse_proxy":
-        handler = proxy.make_route(route, loop)
-    else:
-        handler = figures
+        return static.FileServe(route).serve
+    if route.type == "redirect":
+        return Redirect(route)
+    if route.type == "reverse_proxy":
+        return proxy.make_route(route, loop)
+    return figures
+
+
+def build_route(route: config.RouteConfig, server: config.ServerConfig, loop: Any,
+                figures: metrics.Metrics) -> Route:
+    checks: list[Check] = []
     rules = [rule for rule in (acl.Acl(server.ip_whitelist, server.ip_blacklist),
                                acl.Acl(route.ip_whitelist, route.ip_blacklist))
              if not rule.empty]
-    return Guarded(rules, handler) if rules else handler
+    if rules:
+        checks.append(acl_check(rules, error))
+    # a reverse_proxy route enforces its own limit while it streams the body
+    if route.type != "reverse_proxy" and route.max_body_size:
+        checks.append(body_limit_check(route.max_body_size, error))
+    return Route(handler_of(route, loop, figures), route.type, checks,
+                 response_policy(server, route))
+
+
+class Site:
+    """One server: its route table (entries: (callable, route kind)) and its own policy,
+    which answers requests no route takes."""
+
+    __slots__ = ("hostnames", "table", "policy")
+
+    def __init__(self, server: config.ServerConfig, loop: Any, figures: metrics.Metrics) -> None:
+        self.hostnames = server.hostnames
+        self.policy = response_policy(server, None)
+        entries: list[tuple[str, tuple[Any, str]]] = []
+        for r in server.routes:
+            route = build_route(r, server, loop, figures)
+            entries.append((r.req_path, (route.handler if route.plain else route.serve,
+                                         route.kind)))
+        # eXpServer's dashboard polls a server without routes at /api
+        self.table = routing.RouteTable(entries or [("/api", (figures, "metrics"))])
+
+
+def build_sites(cfg: config.Config, loop: Any, worker: metrics.WorkerMetrics) -> list[Site]:
+    """Every server of the config, once per worker."""
+    figures = metrics.Metrics(worker, cfg.server_name)
+    return [Site(server, loop, figures) for server in cfg.servers]
 
 
 class App:
-    """Answers every request arriving on one listener."""
+    """Answers every request arriving on one listener, from the sites it serves."""
 
-    def __init__(self, servers: list[config.ServerConfig], loop: Any,
-                 worker: metrics.WorkerMetrics, server_name: str) -> None:
-        figures = metrics.Metrics(worker, server_name)
+    def __init__(self, sites: list[Site], worker: metrics.WorkerMetrics) -> None:
         self.by_kind = worker.by_kind
-        self.hosts = hosts = routing.VirtualHosts([
-            (s.hostnames, routing.RouteTable(
-                [(r.req_path, (route_handler(r, s, loop, figures), r.type, _body_limit(r)))
-                 for r in s.routes]
-                # eXpServer's dashboard polls a server without routes at /api
-                or [("/api", (figures, "metrics", 0))]))
-            for s in servers
-        ])
-        self.table = hosts.only   # one server that takes any host: no selection to make
+        self.hosts = routing.VirtualHosts([(site.hostnames, site) for site in sites])
+        self.only = self.hosts.only   # one site that takes any host: no selection to make
 
-    def handle(self, req: Any) -> tuple[int, bytes, object]:
+    def handle(self, req: Any) -> Answer:
         """The answer to one request (the listener calls this bound method: a cheaper call
         than an instance's ``__call__``)."""
         if req.method not in KNOWN_METHODS:
             return error(501)
-        table = self.table if self.table is not None else self.hosts.select(req.host)
-        if table is None:
+        site = self.only if self.only is not None else self.hosts.select(req.host)
+        if site is None:
             return error(404)
-        entry = table.match(req.path)
+        entry = site.table.match(req.path)
         if entry is None:
+            if site.policy is not None:
+                req.policy = site.policy
             return error(404)
-        handler, kind, limit = entry
+        handler, kind = entry
         self.by_kind[kind] += 1
-        if limit:
-            if req.content_length > limit:
-                return error(413)
-            req.body_limit = limit      # a chunked body is cut there
         return handler(req)
-
-
-def _body_limit(route: config.RouteConfig) -> int:
-    """The limit App enforces; a reverse_proxy route enforces its own while streaming."""
-    return 0 if route.type == "reverse_proxy" else route.max_body_size

@@ -34,6 +34,12 @@ def match_path(raw: bytes) -> bytes:
     return raw
 
 
+def owner(entries: Sequence[tuple[str, Any]], path: str) -> Any:
+    """The value of the entry whose ``req_path`` is the longest prefix of ``path`` on "/"
+    boundaries (the rule of requests), or None: for config checks, off the hot path."""
+    return RouteTable(entries).match(path.encode("utf-8"))
+
+
 class RouteTable:
     """Routes of one server, longest prefix first."""
 

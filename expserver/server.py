@@ -16,7 +16,7 @@ import sys
 from . import config
 from ._conn import Core, Listener, Settings
 from ._loop import Loop
-from .app import App
+from .app import App, build_sites
 from .metrics import Board, WorkerMetrics
 
 BACKLOG = 4096
@@ -96,11 +96,13 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: B
     worker = WorkerMetrics(core.stats, board, slot)
     worker.start(loop)
     listeners = []
+    sites = build_sites(cfg, loop, worker)      # once: shared by all the listeners
     for (host, port), sock in socks.items():
-        servers = [s for s in cfg.servers
-                   if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
-        listener = Listener(core, sock, App(servers, loop, worker, cfg.server_name).handle,
-                            settings_of(cfg, servers))
+        mine = [i for i, s in enumerate(cfg.servers)
+                if any((lc.host, lc.port) == (host, port) for lc in s.listeners)]
+        app = App([sites[i] for i in mine], worker)
+        listener = Listener(core, sock, app.handle,
+                            settings_of(cfg, [cfg.servers[i] for i in mine]))
         listener.start()
         listeners.append(listener)
 

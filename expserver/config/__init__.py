@@ -22,6 +22,7 @@ from .checks import split_host_port
 from .keys import Field, Nested, Table
 from .loader import default, load, parse
 from .model import (
+    HEADERS,
     HEALTH_CHECK,
     LB_METHODS,
     LISTENER,
@@ -35,6 +36,7 @@ from .model import (
     TABLES,
     UPSTREAM,
     Config,
+    HeadersConfig,
     HealthCheckConfig,
     ListenerConfig,
     RouteConfig,
@@ -45,9 +47,9 @@ from .specs import ConfigError
 from .summary import summary
 
 __all__ = [
-    "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
+    "HEADERS", "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
     "ROOT", "ROUTE", "ROUTE_TYPES", "SERVER", "TABLES", "UPSTREAM", "Config", "ConfigError",
-    "Field", "HealthCheckConfig", "ListenerConfig", "Nested", "RouteConfig", "ServerConfig",
+    "Field", "HeadersConfig", "HealthCheckConfig", "ListenerConfig", "Nested", "RouteConfig", "ServerConfig",
     "Table", "UpstreamConfig", "default", "load", "parse", "schema", "split_host_port", "summary",
 ]
 

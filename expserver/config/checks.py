@@ -164,3 +164,50 @@ CHECK_PATH = _pattern(check_path, _CHECK_PATH_PATTERN)
 LISTEN_HOST = String(extra=listen_host, keywords=(("minLength", 1),))
 DIR_PATH = String(extra=dir_path, keywords=(("minLength", 1),))
 NETWORK = String(extra=network)
+
+
+# --- response fields set by the config -----------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The connection writes these itself: a rule that set them would break the framing.
+FRAMING_FIELDS = frozenset(["content-length", "transfer-encoding", "connection", "keep-alive",
+                            "upgrade", "te", "trailer", "proxy-connection"])
+
+
+def field_name(text: str, path: str, ctx: _Context) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise ConfigError(path, f"must be a header field name (a token), got {_show(text)}")
+    if text.lower() in FRAMING_FIELDS:
+        raise ConfigError(path, f"{_show(text)} is set by the connection itself")
+    return text
+
+
+def field_value(text: str, path: str, ctx: _Context) -> str:
+    # obs-text and controls are refused: a value must survive every client unchanged
+    if not all(c == "\t" or " " <= c <= "~" for c in text) or text != text.strip(" \t"):
+        reason = "must be printable ASCII without leading or trailing spaces"
+        raise ConfigError(path, f"{reason}, got {_show(text)}")
+    return text
+
+
+_STATUS_KEY = re.compile(r"[45](?:[0-9][0-9]|xx)")
+
+
+def error_status(text: str, path: str, ctx: _Context) -> str:
+    if not _STATUS_KEY.fullmatch(text):
+        raise ConfigError(path, f'must be a status from 400 to 599, or "4xx" or "5xx", got '
+                                f"{_show(text)}")
+    return text
+
+
+def page_path(text: str, path: str, ctx: _Context) -> str:
+    if not text.startswith("/") or _UNSAFE.search(text) or "?" in text or "#" in text \
+            or any(seg in (".", "..") for seg in text.split("/")):
+        raise ConfigError(path, f'must be a path on this server ("/50x.html"), got {_show(text)}')
+    return text
+
+
+FIELD_NAME = _pattern(field_name, "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$")
+FIELD_VALUE = _pattern(field_value, "^[\\x20-\\x7e\\t]*$")
+ERROR_STATUS = _pattern(error_status, "^[45]([0-9][0-9]|xx)$")
+PAGE_PATH = _pattern(page_path, "^/[^\\x00-\\x20\\x7f?#]*$")

@@ -20,7 +20,9 @@ from .specs import (
     Boolean,
     ConfigError,
     Integer,
+    MapOf,
     Nullable,
+    OneOrMany,
     Seconds,
     Spec,
     String,
@@ -99,6 +101,44 @@ class RequestLimits:
         60.0, spec=Seconds(), cascade=True, only=PROXY,
         doc="reverse_proxy: seconds a write of the request to an upstream may make no "
             "progress before the exchange is abandoned (nginx's proxy_send_timeout).")
+
+
+# --- policies: per server and per route, merged down (expserver/policy.py) ---------------------
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    set: tuple[tuple[str, str], ...] = key(
+        (), spec=MapOf(checks.FIELD_NAME, checks.FIELD_VALUE),
+        doc="Fields set on every response: a field of the same name that the answer had "
+            "(the upstream's included) is replaced.")
+    add: tuple[tuple[str, tuple[str, ...]], ...] = key(
+        (), spec=MapOf(checks.FIELD_NAME, OneOrMany(checks.FIELD_VALUE)),
+        doc="Fields added to every response after the ones it has; a list adds the field "
+            "once per value (nginx's add_header ... always).")
+    remove: tuple[str, ...] = key(
+        (), spec=Array(checks.FIELD_NAME),
+        doc="Fields removed from every response, whatever made it (nginx's "
+            "proxy_hide_header, for every route type).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policies:
+    """Keys of servers and routes; a route's are merged over its server's."""
+
+    headers: HeadersConfig | None = key(
+        None, spec=Nullable(Nested(Table("headers", HeadersConfig, ()))),
+        doc="Header rules for every response of every route type (files, redirects, proxied "
+            "answers, errors). A route's rules are merged over its server's: its `set` and "
+            "`remove` win for the fields they name, its `add` comes after the server's "
+            "(unlike nginx's add_header, a route's rules never silently drop the server's).")
+    error_pages: tuple[tuple[str, str], ...] = key(
+        (), spec=MapOf(checks.ERROR_STATUS, checks.PAGE_PATH),
+        doc='Pages sent instead of the built-in ones for errors, by status ("404") or class '
+            '("5xx"): a path served by a file_serve route of the same server, read when the '
+            "server starts or reloads. They answer the server's own errors on every route "
+            "type, the proxy's 502 and 504 included; an upstream's own error answers are "
+            "relayed as they are. A route's entries are merged over its server's.")
 
 
 # --- objects ------------------------------------------------------------------------------------
@@ -181,7 +221,7 @@ class UpstreamSpec(Spec):
 
 
 @dataclass(frozen=True)
-class RouteConfig(RequestLimits):
+class RouteConfig(RequestLimits, Policies):
     req_path: str = key(
         spec=checks.REQ_PATH, ours=False,
         doc='Path prefix this route serves; starts with "/". Matched on "/" boundaries: "/api" '
@@ -273,7 +313,7 @@ class RouteConfig(RequestLimits):
 
 
 @dataclass(frozen=True)
-class ServerConfig(ConnectionLimits, RequestLimits):
+class ServerConfig(ConnectionLimits, RequestLimits, Policies):
     listeners: tuple[ListenerConfig, ...] = key(
         spec=Array(Nested(Table("listener", ListenerConfig, ())), min_items=1), ours=False,
         doc="Addresses this server accepts connections on. Several servers may share one "
@@ -357,12 +397,37 @@ def _finish_route(values: dict[str, Any], path: str) -> None:
 def _finish_server(values: dict[str, Any], path: str) -> None:
     # Two routes with one req_path: the second could never be chosen (nginx refuses this too).
     seen: dict[str, int] = {}
-    for i, route in enumerate(values.get("routes", ())):
+    routes = values.get("routes", ())
+    for i, route in enumerate(routes):
         if route.req_path in seen:
             first = f"{path}.routes[{seen[route.req_path]}]"
             reason = f"{_show(route.req_path)} is already used by {first}"
             raise ConfigError(f"{path}.routes[{i}].req_path", reason)
         seen[route.req_path] = i
+    pages = [(_join(path, "error_pages"), values.get("error_pages", ()))]
+    pages += [(f"{path}.routes[{i}].error_pages", r.error_pages) for i, r in enumerate(routes)]
+    for where, entries in pages:
+        for status, page in entries:
+            page_file(routes, page, _join(where, status))
+
+
+MAX_ERROR_PAGE = 1 << 20
+
+
+def page_file(routes: tuple[RouteConfig, ...], page: str, path: str) -> str:
+    """The file an error page path names: under the file_serve route that serves it."""
+    from ..routing import owner  # the rule requests follow (longest prefix)
+    route = owner([(r.req_path, r) for r in routes], page)
+    if route is None or route.type != "file_serve" or route.dir_path is None:
+        raise ConfigError(path, f"{_show(page)} is not served by a file_serve route of this "
+                                "server")
+    rest = page[len(route.req_path.rstrip("/")):].lstrip("/")
+    file = os.path.join(route.dir_path, rest)
+    if not os.path.isfile(file):
+        raise ConfigError(path, f"{_show(page)}: file {_show(file)} does not exist")
+    if os.path.getsize(file) > MAX_ERROR_PAGE:
+        raise ConfigError(path, f"{_show(page)}: file {_show(file)} is larger than 1 MiB")
+    return file
 
 
 # --- the tables, derived from the declarations above --------------------------------------------
@@ -388,7 +453,10 @@ ROOT = Table.of(
     'eXpServer meaning, plus keys of our own (marked "Not an eXpServer key"). The same '
     "document may be written as TOML.")
 
-TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE, UPSTREAM, HEALTH_CHECK)
+HEADERS = Table.of("headers", HeadersConfig,
+                   "Rules that set, add and remove fields of responses.")
+
+TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE, UPSTREAM, HEALTH_CHECK, HEADERS)
 ALL_TABLES.extend(TABLES)
 # The tables the Nested specs above were declared with (before these existed) are stand-ins
 # holding the name and class; point them at the real ones.

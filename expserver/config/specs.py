@@ -288,3 +288,46 @@ class Workers(Spec):
 
 
 MAX_WORKERS = 1024
+
+
+@dataclass(frozen=True)
+class MapOf(Spec):
+    """A JSON object whose names are data (header names, status codes): kept as a tuple of
+    (name, value) pairs in the order written."""
+
+    name: String
+    value: Spec
+
+    def check(self, value: object, path: str, ctx: _Context) -> object:
+        if not isinstance(value, dict):
+            raise _expected(path, "an object", value)
+        duplicate = getattr(value, "duplicate", None)
+        if duplicate is not None:
+            raise ConfigError(_join(path, duplicate), "duplicate key")
+        return tuple((self.name.check(k, _join(path, k), ctx),
+                      self.value.check(v, _join(path, k), ctx)) for k, v in value.items())
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "propertyNames": self.name.schema(),
+                "additionalProperties": self.value.schema()}
+
+    def words(self) -> str:
+        return f"object of {self.value.words()}"
+
+
+@dataclass(frozen=True)
+class OneOrMany(Spec):
+    """A value, or an array of such values (kept as a tuple either way)."""
+
+    item: Spec
+
+    def check(self, value: object, path: str, ctx: _Context) -> object:
+        if isinstance(value, list):
+            return tuple(self.item.check(v, f"{path}[{i}]", ctx) for i, v in enumerate(value))
+        return (self.item.check(value, path, ctx),)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [self.item.schema(), {"type": "array", "items": self.item.schema()}]}
+
+    def words(self) -> str:
+        return f"{self.item.words()} or array of {self.item.words()}"
