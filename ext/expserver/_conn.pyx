@@ -559,6 +559,9 @@ cdef class Connection(Handle):
         cdef bint head_only = req.method is HEAD_METHOD or req.method == HEAD_METHOD
         cdef object framing
         cdef type t = type(body)
+        cdef int file_fd = -1
+        cdef long file_offset = 0
+        cdef long long file_length = 0
         if status < 200 or status == 204 or status == 304:
             framing = b""
             if t is _FileRange:
@@ -569,12 +572,19 @@ cdef class Connection(Handle):
         elif body is None:
             framing = b"Content-Length: 0\r\n"
         elif t is _FileRange:
-            framing = b"Content-Length: %d\r\n" % body.length
-        elif req.version == 11:
-            framing = TE_CHUNKED
+            # its fields as C integers now: a FileRange of something else raises before
+            # its head is queued, so the request is still owed its 500
+            file_fd, file_offset, file_length = body.fd, body.offset, body.length
+            framing = b"Content-Length: %d\r\n" % file_length
         else:
-            framing = b""       # HTTP/1.0 stream: delimited by closing
-            close = True
+            # an iterator source; one that is not iterable raises here, before its head is
+            # queued, so the request is still owed its 500
+            body = iter(body)
+            if req.version == 11:
+                framing = TE_CHUNKED
+            else:
+                framing = b""   # HTTP/1.0 stream: delimited by closing
+                close = True
         if close:
             self.close_after = True
         self.push_head(join_bytes([
@@ -586,8 +596,8 @@ cdef class Connection(Handle):
         elif t is bytes:
             self.out.push(<bytes>body)
         elif t is _FileRange:
-            if body.length > 0:
-                self.out.push_file(body.fd, body.offset, body.length)
+            if file_length > 0:
+                self.out.push_file(file_fd, file_offset, file_length)
             else:
                 self.close_file(body)
         else:
