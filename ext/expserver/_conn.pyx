@@ -651,7 +651,11 @@ cdef class Connection(Handle):
 
     def resume(self):
         if self.state < C_LINGER:
-            self.process()
+            try:
+                self.process()
+            except BaseException as exc:
+                # a deferred call, not an event: its faults go where the events' go
+                self.loop.fault(self, exc)
 
     cdef int end_task(self) except -1:
         self.task = None
