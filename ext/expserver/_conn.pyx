@@ -567,6 +567,7 @@ cdef class Connection(Handle):
             if t is _FileRange:
                 self.close_file(body)
             body = None
+            t = type(None)              # closed: nothing below may touch it again
         elif t is bytes:
             framing = b"Content-Length: %d\r\n" % len(<bytes>body)
         elif body is None:
