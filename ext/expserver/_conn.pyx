@@ -677,7 +677,12 @@ cdef class Connection(Handle):
         elif self.state == C_WAIT or self.state == C_TUNNEL:
             self.next_request()
         if self.state != C_CLOSED:
-            self.process()              # answers pipelined requests, then flushes
+            try:
+                self.process()          # answers pipelined requests, then flushes
+            except BaseException as exc:
+                # this connection's fault (a pipelined request's answer), not its caller's:
+                # the caller is the deferred's upstream, whose on_error cannot answer here
+                self.loop.fault(self, exc)
         return 0
 
     cdef int start_tunnel(self) except -1:
