@@ -14,6 +14,7 @@ import struct
 import time
 from typing import Any
 
+from . import log
 from ._conn import Stats
 
 # What each worker publishes, in slot order (all integers).
@@ -80,7 +81,10 @@ class WorkerMetrics:
     def start(self, loop: Any) -> None:
         def tick() -> None:
             loop.call_later(PUBLISH_EVERY, tick)    # first: a failed publish stops nothing
-            self.publish()
+            try:
+                self.publish()
+            except Exception as exc:    # the first tick runs here, not in the loop
+                log.exception("publishing this worker's metrics", exc)
         tick()
 
 

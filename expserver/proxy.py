@@ -86,15 +86,19 @@ class Resolver(threading.Thread):
     def run(self) -> None:
         while True:
             time.sleep(RESOLVE_EVERY)
-            for peer in self.peers:
-                try:
-                    info = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
-                    family, _, _, _, sockaddr = info[0]
-                    self.route.set_address(peer, (family, sockaddr))
-                except OSError:
-                    continue        # keep the last address that worked
-                except Exception as exc:    # never stop resolving for good
-                    log.exception(f"re-resolving upstream {peer.address}", exc)
+            self.resolve_all()
+
+    def resolve_all(self) -> None:
+        """One round: every peer's name again; a fault with one is logged, the rest go on."""
+        for peer in self.peers:
+            try:
+                info = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+                family, _, _, _, sockaddr = info[0]
+                self.route.set_address(peer, (family, sockaddr))
+            except OSError:
+                continue        # keep the last address that worked
+            except Exception as exc:    # never stop resolving for good
+                log.exception(f"re-resolving upstream {peer.address}", exc)
 
 
 class HealthProbe(threading.Thread):

@@ -9,6 +9,7 @@ reads without blocking. So every interleaving a test wants is spelled out in the
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,10 @@ class Client:
         self.rig = rig
         self.sock = sock
         sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            # no Nagle: a small send goes out at once, not after the server's delayed ACK,
+            # so what a test sent is there when the loop runs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.received = b""
         self.eof = False
         self.reset = False
@@ -67,6 +72,21 @@ class Client:
     def close(self) -> None:
         self.sock.close()
         self.rig.step()
+
+    def send_some(self, data: bytes) -> int:
+        """Send what the socket takes without blocking (then run the loop); how much."""
+        sent = send_some(self.sock, data)
+        self.rig.step()
+        return sent
+
+    def shut(self) -> None:
+        """Shut the sending side (the server reads EOF); reading goes on."""
+        self.sock.shutdown(socket.SHUT_WR)
+        self.rig.step()
+
+    def responses(self) -> list[Response]:
+        """The complete responses received so far (see split_responses)."""
+        return split_responses(self.pump())[0]
 
 
 class Rig:
@@ -121,10 +141,32 @@ class Rig:
         if sndbuf is not None:
             b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+        b.setblocking(False)        # as accept4 makes them: a full socket must not block
         conn = self.listener.adopt(b.detach(), "peer")
         client = Client(self, a)
         self.clients.append(client)
         return client, conn
+
+    def small_pair(self, size: int = 4096) -> tuple[Client, Any]:
+        """A socketpair client whose buffers are small both ways: a few KiB fill them."""
+        a, b = socket.socketpair()
+        for sock in (a, b):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        b.setblocking(False)
+        conn = self.listener.adopt(b.detach(), "peer")
+        client = Client(self, a)
+        self.clients.append(client)
+        return client, conn
+
+    def spins(self, rounds: int = 50) -> int:
+        """Events handed to handles over ``rounds`` iterations with nothing new happening:
+        0 unless something is readable-but-ignored (or writable-but-idle), i.e. the loop
+        would spin."""
+        before = self.loop.dispatched
+        for _ in range(rounds):
+            self.loop.run_once(0)
+        return self.loop.dispatched - before
 
     def close(self) -> None:
         for c in self.clients:
@@ -134,11 +176,50 @@ class Rig:
         self.step()
 
 
-class Upstream:
-    """A listening socket standing in for an upstream server; the test answers by hand."""
+class ProxyRig(Rig):
+    """A Rig whose handler is a reverse_proxy route (expserver.proxy.make_route) to the
+    given upstream stand-ins, in order; ``route`` takes RouteConfig keywords. Every Exchange
+    the route makes is kept in ``exchanges``: its ``state_name`` and ``outcome_name`` are
+    what a test can check beside what the client saw."""
+
+    def __init__(self, upstreams: list[Any], settings: dict[str, Any] | None = None,
+                 **route: Any) -> None:
+        from expserver.config import RouteConfig, UpstreamConfig
+        from expserver.proxy import make_route
+        super().__init__(self.handle, **(settings or {}))
+        self.exchanges: list[Any] = []
+        config = RouteConfig(req_path="/", type="reverse_proxy", upstreams=tuple(
+            UpstreamConfig("127.0.0.1", u.port) for u in upstreams), **route)
+        self.route = make_route(config, self.loop)
+
+    def handle(self, req: Any) -> tuple[int, bytes, object]:
+        exchange = self.route(req)
+        self.exchanges.append(exchange)
+        return exchange
+
+
+class Refusing:
+    """A bound port nobody listens on: connections to it are refused. The socket is kept
+    until ``close`` so no one else takes the port meanwhile."""
 
     def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Upstream:
+    """A listening socket standing in for an upstream server; the test answers by hand.
+    ``rcvbuf``: a small receive buffer (set before listening, so accepted sockets get it
+    and advertise a small window), for backpressure towards the proxy."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
         self.lsock = socket.socket()
+        if rcvbuf is not None:
+            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(64)
         self.lsock.setblocking(False)
@@ -153,6 +234,7 @@ class Upstream:
         rig.step()
         conn, _ = self.lsock.accept()
         conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # see Client
         self.conns.append(conn)
         return conn
 
@@ -171,6 +253,23 @@ class Upstream:
             out += data
         return out
 
+    def pending(self) -> bool:
+        """Whether a connection waits to be accepted (nothing is accepted)."""
+        return bool(select.select([self.lsock], [], [], 0)[0])
+
+    def closed(self, conn: socket.socket, rig: Rig) -> bool:
+        """Whether the proxy closed ``conn`` (EOF or reset; pending bytes are read away)."""
+        rig.step()
+        while True:
+            try:
+                data = conn.recv(1 << 20)
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+
     def close(self) -> None:
         for c in self.conns:
             c.close()
@@ -186,3 +285,63 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, rest
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def split_responses(raw: bytes) -> tuple[list[Response], bytes]:
+    """The complete responses at the start of ``raw`` (bodies framed by Content-Length or
+    chunked, decoded; none for 1xx/204/304) and the bytes after the last one."""
+    out: list[Response] = []
+    while b"\r\n\r\n" in raw:
+        status, headers, rest = parse_response(raw)
+        if status < 200 or status in (204, 304):
+            body = b""
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                line, sep, after = rest.partition(b"\r\n")
+                if not sep:
+                    return out, raw
+                size = int(line.split(b";")[0], 16)
+                if size == 0:               # the last chunk, then trailers, then CRLF
+                    if after.startswith(b"\r\n"):
+                        rest = after[2:]
+                        break
+                    _, sep, rest = after.partition(b"\r\n\r\n")
+                    if not sep:
+                        return out, raw
+                    break
+                if len(after) < size + 2:
+                    return out, raw
+                body += after[:size]
+                rest = after[size + 2:]
+        elif "content-length" in headers:
+            n = int(headers["content-length"])
+            if len(rest) < n:
+                return out, raw
+            body, rest = rest[:n], rest[n:]
+        else:
+            return out, raw                 # delimited by the close: not complete here
+        out.append((status, headers, body))
+        raw = rest
+    return out, raw
+
+
+def send_some(sock: socket.socket, data: bytes) -> int:
+    """Send what a non-blocking socket takes now; how much."""
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += sock.send(data[sent:])
+        except BlockingIOError:
+            break
+    return sent
+
+
+def leaked(before: set[int], *keep: socket.socket) -> set[int]:
+    """Descriptors open now that were not open at ``before``, but for the test's own
+    sockets ``keep`` (clients, upstream stand-ins) still open."""
+    mine = {s.fileno() for s in keep if s.fileno() >= 0}
+    return open_fds() - before - mine

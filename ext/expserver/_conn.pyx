@@ -579,6 +579,8 @@ cdef class Connection(Handle):
             answer = self.listener.handler(req)
             if type(answer) is tuple:
                 status, headers, body = <tuple>answer
+                if not 100 <= status <= 599:
+                    raise ValueError(f"status {status} is not an HTTP status")
                 task = None
             else:
                 task = <Deferred?>answer
@@ -638,17 +640,22 @@ cdef class Connection(Handle):
             if t is FileRange:
                 self.close_file(body)
             body = None
+            t = type(None)              # closed: nothing below may touch it again
         elif t is bytes:
             framing = b"Content-Length: %d\r\n" % len(<bytes>body)
         elif body is None:
             framing = b"Content-Length: 0\r\n"
         elif t is FileRange:
             framing = b"Content-Length: %d\r\n" % (<FileRange>body).length
-        elif req.version == 11:
-            framing = TE_CHUNKED
         else:
-            framing = b""       # HTTP/1.0 stream: delimited by closing
-            close = True
+            # an iterator source; one that is not iterable raises here, before its head is
+            # queued, so the request is still owed its 500
+            body = iter(body)
+            if req.version == 11:
+                framing = TE_CHUNKED
+            else:
+                framing = b""   # HTTP/1.0 stream: delimited by closing
+                close = True
         if close:
             self.close_after = True
         self.push_head(join_bytes([
@@ -716,7 +723,11 @@ cdef class Connection(Handle):
 
     def resume(self):
         if self.state < C_LINGER:
-            self.process()
+            try:
+                self.process()
+            except BaseException as exc:
+                # a deferred call, not an event: its faults go where the events' go
+                self.loop.fault(self, exc)
 
     cdef int end_task(self) except -1:
         self.task = None
@@ -737,7 +748,12 @@ cdef class Connection(Handle):
         elif self.state == C_WAIT or self.state == C_TUNNEL:
             self.next_request()
         if self.state != C_CLOSED:
-            self.process()              # answers pipelined requests, then flushes
+            try:
+                self.process()          # answers pipelined requests, then flushes
+            except BaseException as exc:
+                # this connection's fault (a pipelined request's answer), not its caller's:
+                # the caller is the deferred's upstream, whose on_error cannot answer here
+                self.loop.fault(self, exc)
         return 0
 
     cdef int start_tunnel(self) except -1:

@@ -153,7 +153,7 @@ cdef class Pipe:
         cdef iovec iov[MAX_IOV]
         cdef msghdr msg
         cdef int n, flags
-        cdef Py_ssize_t i, nitems, written, left
+        cdef Py_ssize_t i, nitems, written, left, total
         cdef object item
         cdef bytes b
         cdef FileSegment seg
@@ -171,11 +171,13 @@ cdef class Pipe:
             item = items[self.head]
             if type(item) is bytes:
                 n = 0
+                total = 0
                 i = self.head
                 while i < nitems and n < MAX_IOV and type(items[i]) is bytes:
                     b = <bytes>items[i]
                     iov[n].iov_base = <char *>b + (self.off if i == self.head else 0)
                     iov[n].iov_len = len(b) - (self.off if i == self.head else 0)
+                    total += iov[n].iov_len
                     n += 1
                     i += 1
                 flags = MSG_NOSIGNAL
@@ -207,8 +209,9 @@ cdef class Pipe:
                     else:
                         self.off += written
                         written = 0
-                if self.head < nitems and type(items[self.head]) is bytes:
+                if r < total:
                     return FLUSH_AGAIN      # partial write: the socket is full
+                # a whole batch (MAX_IOV items) went out: go on with the next one
             elif type(item) is FileSegment:
                 seg = <FileSegment>item
                 while seg.remaining > 0:

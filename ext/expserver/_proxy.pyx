@@ -797,8 +797,12 @@ cdef class Exchange(Deferred):
         try:
             peer = route.balancer.pick(self.req.peer, loop.now,
                                        NO_PEERS if self.tried is None else self.tried)
+            known = peer is None or peer in route.addrs     # the route's peers, resolved or not
         except Exception as exc:
             log.exception(f"the balancer of {self.describe()}", exc)
+            return self.fail(502)
+        if not known:
+            log.error(f"the balancer of {self.describe()} picked {peer!r}, not one of its peers")
             return self.fail(502)
         if peer is None:
             return self.fail(self.last_status or 502)
