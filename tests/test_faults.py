@@ -24,6 +24,7 @@ import pytest
 from expserver import metrics, proxy
 from expserver.balancer import Balancer, Peer
 from expserver.config import HealthCheckConfig, UpstreamConfig
+from expserver.response import FileRange
 from tests.rig import (
     ProxyRig,
     Refusing,
@@ -140,6 +141,25 @@ def test_a_handler_fault_is_answered_500_then_closed(capsys, closing, answer, co
     one_error(capsys, context, "(GET /fault)")
     assert parse_response(served(rig))[0] == 200
     no_error(capsys)
+    client.close()
+    assert leaked(before) == set()
+
+
+def test_a_file_range_with_a_negative_length_is_answered_500_and_its_file_closed(
+        capsys, closing, tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+
+    def handler(req):
+        return 200, b"", FileRange(os.open(tmp_path / "f", os.O_RDONLY), 0, -5)
+
+    rig = Rig(handler)
+    closing.append(rig)
+    before = open_fds()
+    client, _ = rig.connect()
+    client.send(GET)
+    status, headers, _ = parse_response(client.pump())
+    assert (status, headers["connection"]) == (500, "close")
+    one_error(capsys, "is not a part of a file")
     client.close()
     assert leaked(before) == set()
 

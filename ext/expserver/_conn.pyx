@@ -646,6 +646,10 @@ cdef class Connection(Handle):
         elif body is None:
             framing = b"Content-Length: 0\r\n"
         elif t is FileRange:
+            if (<FileRange>body).length < 0 or (<FileRange>body).offset < 0:
+                text = repr(body)
+                self.close_file(body)
+                raise ValueError(f"{text} is not a part of a file")    # still owed its 500
             framing = b"Content-Length: %d\r\n" % (<FileRange>body).length
         else:
             # an iterator source; one that is not iterable raises here, before its head is
