@@ -78,15 +78,36 @@ def build_route(route: config.RouteConfig, server: config.ServerConfig, loop: An
                  response_policy(server, route))
 
 
-class Site:
-    """One server: its route table (entries: (callable, route kind)) and its own policy,
-    which answers requests no route takes."""
+class ToHTTPS:
+    """``https_redirect``: the same host and target, over https on the server's first TLS
+    listener's port (301, or 308 where a method other than GET/HEAD must be kept)."""
 
-    __slots__ = ("hostnames", "table", "policy")
+    __slots__ = ("port", "fallback")
+
+    def __init__(self, server: config.ServerConfig) -> None:
+        port = next(lc.port for lc in server.listeners if lc.tls)
+        self.port = b"" if port == 443 else b":%d" % port
+        names = [h for h in server.hostnames if not h.startswith("*.")]
+        self.fallback = (names[0] if names else "localhost").encode("ascii")
+
+    def __call__(self, req: Any) -> Answer:
+        target = req.target if req.target[:1] == b"/" else req.path + (
+            b"?" + req.query if req.query else b"")
+        location = b"https://" + (req.host or self.fallback) + self.port + target
+        status = 301 if req.method in (b"GET", b"HEAD") else 308
+        return status, b"Location: " + location + b"\r\n" + _HTML, page(status)
+
+
+class Site:
+    """One server: its route table (entries: (callable, route kind)), its own policy, which
+    answers requests no route takes, and its redirect of plain requests to https."""
+
+    __slots__ = ("hostnames", "table", "policy", "to_https")
 
     def __init__(self, server: config.ServerConfig, loop: Any, figures: metrics.Metrics) -> None:
         self.hostnames = server.hostnames
         self.policy = response_policy(server, None)
+        self.to_https = ToHTTPS(server) if server.https_redirect else None
         entries: list[tuple[str, tuple[Any, str]]] = []
         for r in server.routes:
             route = build_route(r, server, loop, figures)
@@ -118,6 +139,8 @@ class App:
         site = self.only if self.only is not None else self.hosts.select(req.host)
         if site is None:
             return error(404)
+        if site.to_https is not None and not req.secure:
+            return site.to_https(req)
         entry = site.table.match(req.path)
         if entry is None:
             if site.policy is not None:

@@ -103,13 +103,16 @@ class ErrorPages:
 
 
 class ResponsePolicy:
-    """What a route does to every response head: error pages, then header rules."""
+    """What a route does to every response head: error pages, then header rules, then
+    HSTS on responses that go over TLS."""
 
-    __slots__ = ("pages", "rules")
+    __slots__ = ("pages", "rules", "hsts")
 
-    def __init__(self, pages: ErrorPages | None, rules: HeaderRules | None) -> None:
+    def __init__(self, pages: ErrorPages | None, rules: HeaderRules | None,
+                 hsts: bytes = b"") -> None:
         self.pages = pages
         self.rules = rules
+        self.hsts = hsts
 
     def answer(self, req: Any, status: int, headers: bytes, body: object) -> Answer:
         if status >= 400 and self.pages is not None:
@@ -117,12 +120,25 @@ class ResponsePolicy:
             if page is not None:
                 headers = without(headers, _REPRESENTATION) + page[0]
                 body = page[1]
-        if self.rules is not None:
-            headers = self.rules.apply(headers)
-        return status, headers, body
+        return status, self.head(req, status, headers), body
 
     def head(self, req: Any, status: int, block: bytes) -> bytes:
-        return self.rules.apply(block) if self.rules is not None else block
+        if self.rules is not None:
+            block = self.rules.apply(block)
+        if self.hsts and req.secure:
+            block = without(block, _HSTS) + self.hsts
+        return block
+
+
+_HSTS = frozenset([b"strict-transport-security"])
+
+
+def hsts_line(server: ServerConfig) -> bytes:
+    tls = server.tls
+    if tls is None or not tls.hsts:
+        return b""
+    value = f"max-age={tls.hsts}" + ("; includeSubDomains" if tls.hsts_subdomains else "")
+    return f"Strict-Transport-Security: {value}\r\n".encode("ascii")
 
 
 def response_policy(server: ServerConfig, route: RouteConfig | None) -> ResponsePolicy | None:
@@ -132,7 +148,8 @@ def response_policy(server: ServerConfig, route: RouteConfig | None) -> Response
     headers = [layer.headers for layer in layers if layer.headers is not None]
     pages = ErrorPages(_merged(entries), server) if entries else None
     rules = HeaderRules(headers) if headers else None
-    return ResponsePolicy(pages, rules) if pages or rules else None
+    hsts = hsts_line(server)
+    return ResponsePolicy(pages, rules, hsts) if pages or rules or hsts else None
 
 
 def _merged(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from ._loop import Loop
 from ._proxy import ProxyRoute
 from .balancer import Balancer, HealthChecker, Peer
 from .config import HealthCheckConfig, RouteConfig
+from .tls import upstream_context
 
 Address = tuple[int, Any]
 RESOLVE_EVERY = 30.0
@@ -38,11 +40,20 @@ def resolve(host: str, port: int) -> Address | None:
 
 
 def _host_header(route: RouteConfig) -> bytes | None:
-    if route.proxy_host_header == "client":
+    mode = route.proxy_host_header
+    if mode is None:    # an https:// upstream's certificate names it, not the client's Host
+        mode = "upstream" if any(u.tls for u in route.upstreams) else "client"
+    if mode == "client":
         return None
-    if route.proxy_host_header == "upstream":
+    if mode == "upstream":
         return b""
-    return route.proxy_host_header.encode("ascii")
+    return mode.encode("ascii")
+
+
+def tls_names(route: RouteConfig, peers: list[Peer]) -> dict[Peer, str | None]:
+    """The https:// peers, with the name each is asked for (SNI) and checked against."""
+    return {peer: route.upstream_tls.server_name or peer.host
+            for peer, upstream in zip(peers, route.upstreams) if upstream.tls}
 
 
 def make_route(route: RouteConfig, loop: Loop) -> ProxyRoute:
@@ -59,8 +70,12 @@ def make_route(route: RouteConfig, loop: Loop) -> ProxyRoute:
         max_body=route.max_body_size,
         body_timeout=route.body_timeout,
     )
+    names = tls_names(route, balancer.peers)
+    context = upstream_context(route.upstream_tls) if names else None
+    handler.tls_names = names
+    handler.tls_context = context
     if route.health_check is not None:
-        HealthProbe(route.health_check, balancer.peers, addrs).start()
+        HealthProbe(route.health_check, balancer.peers, addrs, context, names).start()
     named = [peer for peer in balancer.peers if not _is_ip(peer.host)]
     if named:
         Resolver(handler, named).start()
@@ -105,11 +120,14 @@ class HealthProbe(threading.Thread):
     """Sends each peer a GET of the check path every interval; flips ``peer.healthy``."""
 
     def __init__(self, check: HealthCheckConfig, peers: list[Peer],
-                 addrs: dict[Peer, Address | None]) -> None:
+                 addrs: dict[Peer, Address | None], context: ssl.SSLContext | None = None,
+                 names: dict[Peer, str | None] | None = None) -> None:
         super().__init__(name="expserver-health", daemon=True)
         self.check = check
         self.checker = HealthChecker(check, peers)
         self.addrs = addrs
+        self.context = context
+        self.names = names or {}
 
     def run(self) -> None:
         while True:
@@ -140,9 +158,12 @@ class HealthProbe(threading.Thread):
             return None
         family, sockaddr = addr
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(self.check.timeout)
-                sock.connect(sockaddr)
+            with socket.socket(family, socket.SOCK_STREAM) as raw:
+                raw.settimeout(self.check.timeout)
+                raw.connect(sockaddr)
+                sock = raw
+                if peer in self.names and self.context is not None:
+                    sock = self.context.wrap_socket(raw, server_hostname=self.names[peer])
                 sock.sendall(self.checker.request(peer))
                 line = sock.makefile("rb").readline(256)
         except OSError:

@@ -12,8 +12,9 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
-from . import config
+from . import config, tls
 from ._conn import Core, Listener, Settings
 from ._loop import Loop
 from .app import App, build_sites
@@ -90,7 +91,7 @@ def settings_of(cfg: config.Config, servers: list[config.ServerConfig]) -> Setti
 
 
 def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: Board,
-               slot: int = 0) -> int:
+               slot: int = 0, contexts: dict[Address, Any] | None = None) -> int:
     loop = Loop()
     core = Core(loop)
     worker = WorkerMetrics(core.stats, board, slot)
@@ -103,6 +104,7 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: B
         app = App([sites[i] for i in mine], worker)
         listener = Listener(core, sock, app.handle,
                             settings_of(cfg, [cfg.servers[i] for i in mine]))
+        listener.tls_context = (contexts or {}).get((host, port))
         listener.start()
         listeners.append(listener)
 
@@ -131,14 +133,17 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: B
 
 def serve(cfg: config.Config) -> int:
     _record_early_signals()
+    contexts = tls.listener_contexts(cfg)     # before forking: workers share ticket keys
     socks = bind(cfg)
     for host, port in socks:
         shown = f"[{host}]" if ":" in host else host
-        print(f"expserver: listening on http://{shown}:{port}/", file=sys.stderr, flush=True)
+        scheme = "https" if (host, port) in contexts else "http"
+        print(f"expserver: listening on {scheme}://{shown}:{port}/", file=sys.stderr,
+              flush=True)
     board = Board(cfg.workers)
     if cfg.workers <= 1:
-        return run_worker(cfg, socks, board)
-    return Master(cfg, socks, board).run()
+        return run_worker(cfg, socks, board, 0, contexts)
+    return Master(cfg, socks, board, contexts).run()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -156,10 +161,11 @@ PR_SET_PDEATHSIG = 1
 
 class Master:
     def __init__(self, cfg: config.Config, socks: dict[Address, socket.socket],
-                 board: Board) -> None:
+                 board: Board, contexts: dict[Address, Any]) -> None:
         self.cfg = cfg
         self.socks = socks
         self.board = board
+        self.contexts = contexts
         self.children: dict[int, int] = {}      # pid -> metrics slot
         self.master_pid = os.getpid()
         self.stopping: int | None = None
@@ -172,7 +178,7 @@ class Master:
             _record_early_signals()
             code = 1
             try:
-                code = run_worker(self.cfg, self.socks, self.board, slot)
+                code = run_worker(self.cfg, self.socks, self.board, slot, self.contexts)
             finally:
                 os._exit(code)
         self.children[pid] = slot

@@ -372,9 +372,9 @@ ERRORS: list[tuple[str, object, str]] = [
     ),
     (
         "upstream-scheme",
-        one_route(req_path="/", type="reverse_proxy", upstreams=["http://h:80"]),
-        'servers[0].routes[0].upstreams[0]: "http://h:80" is not host:port '
-        "(write it without the scheme)",
+        one_route(req_path="/", type="reverse_proxy", upstreams=["ftp://h:80"]),
+        'servers[0].routes[0].upstreams[0]: "ftp://h:80" is not host:port, '
+        '"http://host[:port]" or "https://host[:port]"',
     ),
     (
         "upstream-not-string",
@@ -739,9 +739,10 @@ def test_upstream_object_parameters() -> None:
 def test_proxy_defaults() -> None:
     route = proxy_route("a:1")
     assert route.upstreams == (UpstreamConfig("a", 1, 1, 1, 10.0, False),)
+    # proxy_host_header unset: the client's Host for plain upstreams (expserver.proxy)
     assert (route.lb_method, route.proxy_host_header, route.health_check) == (
         "round_robin",
-        "client",
+        None,
         None,
     )
     assert (route.retries, route.upstream_keepalive) == (None, 32)
@@ -818,8 +819,9 @@ PROXY_ERRORS: list[tuple[str, object, str]] = [
     ("address-missing", proxy("a:1", {"weight": 2}), f"{UP}[1]: address is required"),
     (
         "address-bad",
-        proxy({"address": "http://a:1"}),
-        f'{UP}[0].address: "http://a:1" is not host:port (write it without the scheme)',
+        proxy({"address": "gopher://a:1"}),
+        f'{UP}[0].address: "gopher://a:1" is not host:port, "http://host[:port]" or '
+        '"https://host[:port]"',
     ),
     (
         "address-not-string",
@@ -1210,8 +1212,7 @@ def _schema_object(schema: dict[str, Any], table: config.Table[Any]) -> dict[str
     return schema if not table.name else schema["$defs"][table.name]
 
 
-def _jsonable(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
+from expserver.config.docs import _jsonable  # noqa: E402
 
 
 def test_schema_is_draft_2020_12() -> None:
@@ -1240,11 +1241,11 @@ def test_schema_matches_table(table: config.Table[Any]) -> None:
 
 @pytest.mark.parametrize("table", config.TABLES, ids=lambda t: t.name or "root")
 def test_table_matches_dataclass(table: config.Table[Any]) -> None:
-    # every dataclass field is a key, but for the one key split in two ("address" is host and
-    # port) and the loader's own "source"
+    # every dataclass field is a key, but for the one key split in three ("address" is host,
+    # port and tls) and the loader's own "source"
     names = {f.name for f in dataclasses.fields(table.cls)} - {"source"}
     if table.cls is UpstreamConfig:
-        names = names - {"host", "port"} | {"address"}
+        names = names - {"host", "port", "tls"} | {"address"}
     assert names == set(table.names)
     assert len(table.names) == len(names)
 

@@ -34,20 +34,24 @@ from .model import (
     ROUTE_TYPES,
     SERVER,
     TABLES,
+    TLS,
     UPSTREAM,
+    UPSTREAM_TLS,
     Config,
     HeadersConfig,
     HealthCheckConfig,
     ListenerConfig,
     RouteConfig,
     ServerConfig,
+    TLSConfig,
     UpstreamConfig,
+    UpstreamTLSConfig,
 )
 from .specs import ConfigError
 from .summary import summary
 
 __all__ = [
-    "HEADERS", "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
+    "HEADERS", "TLS", "UPSTREAM_TLS", "TLSConfig", "UpstreamTLSConfig", "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
     "ROOT", "ROUTE", "ROUTE_TYPES", "SERVER", "TABLES", "UPSTREAM", "Config", "ConfigError",
     "Field", "HeadersConfig", "HealthCheckConfig", "ListenerConfig", "Nested", "RouteConfig", "ServerConfig",
     "Table", "UpstreamConfig", "default", "load", "parse", "schema", "split_host_port", "summary",

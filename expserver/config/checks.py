@@ -71,7 +71,7 @@ def listen_host(text: str, path: str, ctx: _Context) -> str:
 
 def upstream(text: str, path: str, ctx: _Context) -> str:
     try:
-        split_host_port(text)
+        split_upstream(text)
     except ValueError as exc:
         raise ConfigError(path, str(exc)) from None
     return text
@@ -139,10 +139,43 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def split_upstream(text: str) -> tuple[bool, str, int]:
+    """(TLS?, host, port) of an upstream: ``"host:port"``, or ``"http://host[:port]"`` or
+    ``"https://host[:port]"`` (the port defaulting to 80 or 443). Raises ValueError."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return (False, *split_host_port(text))
+    if scheme not in ("http", "https") or not rest or "/" in rest:
+        raise ValueError(f'{_show(text)} is not host:port, "http://host[:port]" or '
+                         '"https://host[:port]"')
+    tls = scheme == "https"
+    has_port = rest.rpartition("]")[2].rfind(":") >= 0 if rest.startswith("[") else ":" in rest
+    if not has_port:
+        rest += ":443" if tls else ":80"
+    return (tls, *split_host_port(rest))
+
+
+def file_path(text: str, path: str, ctx: _Context) -> str:
+    """A file that must exist, resolved against the config's directory like dir_path."""
+    if not text or "\x00" in text:
+        raise ConfigError(path, f"must be a file path, got {_show(text)}")
+    full = os.path.abspath(os.path.join(ctx.base_dir, text))
+    if not os.path.isfile(full):
+        raise ConfigError(path, f"file {_show(full)} does not exist")
+    return full
+
+
+def env_name(text: str, path: str, ctx: _Context) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise ConfigError(path, f"must be an environment variable name, got {_show(text)}")
+    return text
+
+
 # Schema patterns for what the checks above enforce (ECMA-262 regex, as JSON Schema has).
 _REQ_PATH_PATTERN = "^/[^\\x00-\\x20\\x7f?#]*$"
 _FILE_NAME_PATTERN = "^(?!\\.\\.?$)[^/\\x00]+$"
-UPSTREAM_PATTERN = "^(\\[[^\\]]+\\]|[A-Za-z0-9._-]+):[0-9]{1,5}$"
+UPSTREAM_PATTERN = ("^(https?://(\\[[^\\]]+\\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?"
+                    "|(\\[[^\\]]+\\]|[A-Za-z0-9._-]+):[0-9]{1,5})$")
 _URL_PATTERN = "^[^\\x00-\\x20\\x7f]+$"
 _HOSTNAME_PATTERN = "^[\\x21-\\x7e]+$"
 _HEADER_PATTERN = "^[\\x20-\\x7e]+$"
@@ -164,6 +197,8 @@ CHECK_PATH = _pattern(check_path, _CHECK_PATH_PATTERN)
 LISTEN_HOST = String(extra=listen_host, keywords=(("minLength", 1),))
 DIR_PATH = String(extra=dir_path, keywords=(("minLength", 1),))
 NETWORK = String(extra=network)
+FILE_PATH = String(extra=file_path, keywords=(("minLength", 1),))
+ENV_NAME = _pattern(env_name, "^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --- response fields set by the config -----------------------------------------------------------

@@ -8,6 +8,7 @@ both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -38,6 +39,8 @@ def description(field: Field, table: Table[Any]) -> str:
 
 
 def _jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items() if v is not None}
     return list(value) if isinstance(value, tuple) else value
 
 

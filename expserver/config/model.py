@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import checks
-from .checks import split_host_port
+from .checks import split_upstream
 from .keys import ALL_TABLES, Field, Nested, Table, build, key
 from .specs import (
     INT32_MAX,
@@ -43,6 +43,7 @@ REQUIRED_BY_TYPE: dict[str, tuple[str, ...]] = {
 }
 LB_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
 PROXY = ("reverse_proxy",)
+declare = key   # for classes with a field named "key" (TLSConfig)
 
 
 def _acl(doc: str) -> Any:
@@ -152,6 +153,63 @@ class ListenerConfig:
             '"0.0.0.0" accepts on every IPv4 interface.')
     port: int = key(spec=Integer(1, 65535), ours=False,
                     doc="TCP port to listen on (1-65535).")
+    tls: bool = key(
+        False, spec=Boolean(),
+        doc="Speak TLS (HTTPS) on this listener. Every server on it needs a `tls` object; "
+            "SNI picks among them by their hostnames.")
+
+
+# Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3's are OpenSSL's, all AEAD).
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = key(
+        spec=checks.FILE_PATH,
+        doc="PEM file of the certificate, followed by its chain (relative paths resolve "
+            "against the config's directory).")
+    key: str = key(spec=checks.FILE_PATH, doc="PEM file of the certificate's private key.")
+    password_env: str | None = declare(
+        None, spec=checks.ENV_NAME,
+        doc="Name of the environment variable holding the key's password, if it has one "
+            "(read when the server starts or reloads, never written in the config).")
+    protocols: tuple[str, ...] = declare(
+        ("TLSv1.2", "TLSv1.3"), spec=Array(String(choices=("TLSv1.2", "TLSv1.3")), min_items=1),
+        doc="TLS versions accepted (Mozilla intermediate: 1.2 and 1.3; older ones are always "
+            "refused).")
+    ciphers: str = declare(
+        INTERMEDIATE_CIPHERS, spec=checks.HEADER_VALUE, default_doc="Mozilla intermediate",
+        doc="OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are all AEAD and not "
+            "configured). The client's preference is followed, as Mozilla intermediate says.")
+    session_tickets: bool = declare(
+        True, spec=Boolean(),
+        doc="Session resumption with tickets; their keys are shared by all workers and "
+            "renewed at each reload.")
+    hsts: int = declare(
+        0, spec=Integer(0, INT32_MAX),
+        doc="Strict-Transport-Security max-age in seconds on every TLS response of this "
+            "server; 0 sends none (plain HTTP responses never carry it).")
+    hsts_subdomains: bool = declare(False, spec=Boolean(),
+                                doc="Add includeSubDomains to Strict-Transport-Security.")
+
+
+@dataclass(frozen=True)
+class UpstreamTLSConfig:
+    verify: bool = key(
+        True, spec=Boolean(),
+        doc="Verify an https:// upstream's certificate and name against the CAs (the "
+            "system's, or ca_file); false accepts any certificate (a test setup, not "
+            "production).")
+    ca_file: str | None = key(None, spec=checks.FILE_PATH,
+                              doc="PEM file of the CAs to trust instead of the system's.")
+    server_name: str | None = key(
+        None, spec=checks.HOSTNAME,
+        doc="Name sent in SNI and checked against the certificate; default: the upstream's "
+            "host.")
 
 
 @dataclass(frozen=True)
@@ -177,11 +235,13 @@ class UpstreamConfig:
         False, spec=Boolean(), ours=False,
         doc="Requests go here only while no primary (non-backup) upstream is available "
             "(nginx's backup).")
+    tls: bool = False   # "https://" in the address; not a key of its own
 
     @property
     def address(self) -> str:
-        """``host:port`` as a config spells it (IPv6 in brackets)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """``host:port`` as a config spells it (IPv6 in brackets), after its scheme if TLS."""
+        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return "https://" + hostport if self.tls else hostport
 
 
 @dataclass(frozen=True)
@@ -250,9 +310,15 @@ class RouteConfig(RequestLimits, Policies):
     upstreams: tuple[UpstreamConfig, ...] = key(
         (), spec=Array(UpstreamSpec()), ours=False,
         doc='reverse_proxy: the upstream servers, at least one (required), each as '
-            'eXpServer\'s "host:port" (IPv6 as "[::1]:8080") or as an object with an address '
-            "and nginx's server parameters (weight, max_fails, fail_timeout, backup). At "
-            "least one must not be a backup.")
+            'eXpServer\'s "host:port" (IPv6 as "[::1]:8080"), as "https://host[:port]" to '
+            "reach it over TLS, or as an object with an address and nginx's server "
+            "parameters (weight, max_fails, fail_timeout, backup). At least one must not be a "
+            "backup.")
+    upstream_tls: UpstreamTLSConfig = key(
+        UpstreamTLSConfig(), spec=Nested(Table("upstream_tls", UpstreamTLSConfig, ())),
+        only=PROXY, default_doc="verify against the system CAs",
+        doc="reverse_proxy: how https:// upstreams are verified. Pooled keep-alive "
+            "connections work over TLS as over plain TCP.")
     http_status_code: int = key(302, spec=Integer(choices=REDIRECT_CODES), ours=False,
                                 doc="redirect: status code of the redirect.")
     redirect_url: str | None = key(None, spec=checks.URL, ours=False,
@@ -284,11 +350,14 @@ class RouteConfig(RequestLimits, Policies):
             "adding one moves about 1/n of the clients (nginx's hash $remote_addr consistent); "
             '"random_two": the less busy of two weighted random picks (nginx\'s random two '
             "least_conn).")
-    proxy_host_header: str = key(
-        "client", spec=checks.HOST_VALUE, only=PROXY,
+    proxy_host_header: str | None = key(
+        None, spec=checks.HOST_VALUE, only=PROXY,
+        default_doc='"client"; "upstream" for https:// upstreams',
         doc='reverse_proxy: the Host field sent upstream. "client" keeps the client\'s; '
             "\"upstream\" sends the chosen upstream's host:port (nginx's default, $proxy_host); "
-            "any other value is sent as written (nginx's proxy_set_header Host).")
+            "any other value is sent as written (nginx's proxy_set_header Host). Unset: the "
+            "client's for plain upstreams, the upstream's name for https:// ones (whose "
+            "certificate names that host).")
     health_check: HealthCheckConfig | None = key(
         None, spec=Nullable(Nested(Table("health_check", HealthCheckConfig, ()))), only=PROXY,
         doc="reverse_proxy: active health checks, or null (the default) for none. Each "
@@ -336,6 +405,15 @@ class ServerConfig(ConnectionLimits, RequestLimits, Policies):
     ip_blacklist: tuple[str, ...] = _acl(
         "Client addresses (IPv4/IPv6 addresses or CIDR blocks) refused with 403 on every route "
         "of this server, after the whitelist.")
+    tls: TLSConfig | None = key(
+        None, spec=Nullable(Nested(Table("tls", TLSConfig, ()))),
+        doc="The server's certificate and TLS settings, for its listeners with `\"tls\": "
+            "true`. `expserver check` loads them and shows the certificate's names and expiry.")
+    https_redirect: bool = key(
+        False, spec=Boolean(),
+        doc="Answer every request that came over a plain listener with a redirect to the "
+            "same host and target over https (301; 308 for methods other than GET and HEAD), "
+            "on the server's first TLS listener's port.")
 
 
 @dataclass(frozen=True)
@@ -366,8 +444,38 @@ class Config(ConnectionLimits, RequestLimits):
 
 
 def _make_upstream(values: dict[str, Any]) -> UpstreamConfig:
-    host, port = split_host_port(values.pop("address"))  # checked by checks.upstream already
-    return UpstreamConfig(host, port, **values)
+    tls, host, port = split_upstream(values.pop("address"))  # checked by checks.upstream
+    return UpstreamConfig(host, port, tls=tls, **values)
+
+
+def _finish_tls(values: dict[str, Any], path: str) -> None:
+    """The certificate and key load, match and decrypt: checked here, so that `check`
+    refuses what `serve` could not start with."""
+    from ..tls import server_context
+    try:
+        server_context(TLSConfig(**values))
+    except ConfigError as e:
+        raise ConfigError(_join(path, e.path.removeprefix("tls").lstrip(".")) if
+                          e.path != "tls" else path, e.reason) from None
+
+
+def _finish_root(values: dict[str, Any], path: str) -> None:
+    """Listeners shared by servers agree on TLS, and a TLS listener's servers have
+    certificates; https_redirect needs a TLS listener to point at."""
+    flags: dict[tuple[str, int], tuple[bool, str]] = {}
+    for i, server in enumerate(values["servers"]):
+        for j, lc in enumerate(server.listeners):
+            where = f"servers[{i}].listeners[{j}]"
+            seen = flags.setdefault((lc.host, lc.port), (lc.tls, where))
+            if seen[0] != lc.tls:
+                raise ConfigError(f"{where}.tls", f"{lc.host}:{lc.port} is a "
+                                  f"{'TLS' if seen[0] else 'plain'} listener in {seen[1]}")
+            if lc.tls and server.tls is None:
+                raise ConfigError(f"servers[{i}]", f"tls is required: {where} is a TLS "
+                                                   "listener")
+        if server.https_redirect and not any(lc.tls for lc in server.listeners):
+            raise ConfigError(f"servers[{i}].https_redirect",
+                              "the server has no TLS listener to redirect to")
 
 
 def _finish_route(values: dict[str, Any], path: str) -> None:
@@ -447,16 +555,21 @@ ROUTE = Table.of("route", RouteConfig, "What to do with requests under one path 
 SERVER = Table.of("server", ServerConfig,
                   "A virtual server: where it listens, which hosts it answers, and its routes.",
                   finish=_finish_server)
+TLS = Table.of("tls", TLSConfig, "A server's certificate and TLS settings.",
+                finish=_finish_tls)
+UPSTREAM_TLS = Table.of("upstream_tls", UpstreamTLSConfig,
+                        "How a reverse_proxy route reaches its https:// upstreams.")
 ROOT = Table.of(
     "", Config,
     "Configuration of expserver: eXpServer's JSON config format, whose keys keep their "
     'eXpServer meaning, plus keys of our own (marked "Not an eXpServer key"). The same '
-    "document may be written as TOML.")
+    "document may be written as TOML.", finish=_finish_root)
 
 HEADERS = Table.of("headers", HeadersConfig,
                    "Rules that set, add and remove fields of responses.")
 
-TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, ROUTE, UPSTREAM, HEALTH_CHECK, HEADERS)
+TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, TLS, ROUTE, UPSTREAM, UPSTREAM_TLS,
+                                  HEALTH_CHECK, HEADERS)
 ALL_TABLES.extend(TABLES)
 # The tables the Nested specs above were declared with (before these existed) are stand-ins
 # holding the name and class; point them at the real ones.

@@ -32,6 +32,7 @@ cdef class Listener(Handle):
     cdef public object sock
     cdef public object handler
     cdef public Settings settings
+    cdef public object tls_context   # an ssl.SSLContext: connections start with a handshake
     cdef Core core
     cdef bint paused
     cdef void _pause(self, double seconds)
@@ -62,6 +63,7 @@ cdef class Later(Deferred):
 
 # What the next bytes from the client mean (see the transition table in _conn.pyx).
 cdef enum ConnState:
+    C_HANDSHAKE = -1  # TLS: the handshake is in progress
     C_IDLE = 0      # between requests, nothing buffered
     C_HEAD = 1      # part of a request head is buffered
     C_BODY = 2      # reading the body of the request being answered
@@ -78,6 +80,9 @@ cdef class Connection(Handle):
     cdef public Settings settings
     cdef public str peer
     cdef bytes peer_ascii      # the same, for the proxy's X-Forwarded-For
+    cdef object tls            # TLS: the stdlib's _ssl._SSLSocket on our descriptor
+    cdef object tls_sock       # ... and the socket object it needs alive (detached on close)
+    cdef object __weakref__    # the TLS owner, for the SNI callback
     cdef unsigned char *rbuf
     cdef Py_ssize_t rcap, rstart, rend
     cdef Parser parser
@@ -95,6 +100,9 @@ cdef class Connection(Handle):
     cdef public double body_timeout   # of the current request (its route may set it)
 
     cdef void init(self, Listener listener, int fd, str peer)
+    cdef int start_tls(self, object context) except -1
+    cdef int handshake(self) except -1
+    cdef int tls_failed(self, BaseException exc) except -1
     cdef int read(self) except -1
     cdef int make_room(self) except -1
     cdef int process(self) except -1

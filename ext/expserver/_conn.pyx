@@ -11,6 +11,9 @@ A ``Connection``'s ``state`` says what the next bytes from the client mean (h11 
 whole table is here, and nothing else moves the state)::
 
     state      deadline (unless blocked)   leads to
+    HANDSHAKE  header_timeout -> close      IDLE: the TLS handshake completed
+               (TLS listeners only)         CLOSED: it failed (plain HTTP gets nginx's 400
+                                                  in clear text first), or the peer left
     IDLE       keepalive_timeout  -> close  HEAD: a byte of a new head arrives
     HEAD       header_timeout (total, from  IDLE/HEAD: the head is answered at once, no body
                the head's first byte) ->    BODY: its body is read (and discarded, or fed
@@ -60,6 +63,8 @@ the connection closes after it; else it just closes. Each is logged once.
 """
 import email.utils
 import http
+import socket
+import ssl
 import time
 
 from libc.stdlib cimport realloc, free
@@ -67,7 +72,7 @@ from libc.string cimport memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, SMALL_BUFFER
-from expserver._pipe cimport Pipe, FileRange, FLUSH_AGAIN, FLUSH_ERROR, join_bytes
+from expserver._pipe cimport Pipe, FileRange, FLUSH_AGAIN, FLUSH_ERROR, join_bytes, tls_recv
 from expserver._http cimport Parser, Request, AGAIN
 
 from expserver import log
@@ -83,6 +88,17 @@ cdef bytes CONN_CLOSE = b"Connection: close\r\n"
 cdef bytes CONN_KEEP = b"Connection: keep-alive\r\n"
 cdef bytes TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 cdef bytes CT_HTML = b"Content-Type: text/html\r\n"
+# nginx's answer to plain HTTP on a TLS port, in clear text
+cdef bytes PLAIN_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nServer: eXpServer\r\nContent-Type: text/html\r\n"
+    b"Content-Length: 197\r\nConnection: close\r\n\r\n"
+    b"<!DOCTYPE html>\n<html>\n<head><title>400 Bad Request</title></head>\n<body>\n"
+    b"<h1>400 Bad Request</h1>\n<p>The plain HTTP request was sent to HTTPS port</p>\n"
+    b"<hr><p>eXpServer</p>\n</body>\n</html>\n")
+cdef object _socket = socket.socket
+cdef object SSLWantReadError = ssl.SSLWantReadError
+cdef object SSLWantWriteError = ssl.SSLWantWriteError
+cdef object SSLError = ssl.SSLError
 
 # "HTTP/1.1 200 OK\r\nServer: eXpServer\r\nDate: " per status, built once
 cdef dict STATUS_LINES = {}
@@ -178,6 +194,7 @@ cdef class Listener(Handle):
         self.handler = handler
         self.settings = settings
         self.paused = False
+        self.tls_context = None
 
     def start(self):
         self.paused = False
@@ -341,10 +358,63 @@ cdef class Connection(Handle):
         self.core.connections.add(self)
         self.core.stats.conn_accepted += 1
         self.core.stats.conn_current += 1
-        self.watch(EPOLLIN)
-        self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
         if self.core.draining:
             self.close_after = True
+        if listener.tls_context is not None:
+            self.start_tls(listener.tls_context)
+        else:
+            self.watch(EPOLLIN)
+            self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+
+    # ---------------------------------------------------------------- TLS
+    cdef int start_tls(self, object context) except -1:
+        """HANDSHAKE: within header_timeout, or the connection is closed (never blocking)."""
+        self.state = C_HANDSHAKE
+        self.set_deadline(self.loop.now + self.settings.header_timeout)
+        self.tls_sock = _socket(fileno=self.fd)
+        self.tls_sock.setblocking(False)    # its timeout 0: OpenSSL never waits in C
+        self.tls = context._wrap_socket(self.tls_sock, True, None, owner=self, session=None)
+        self.handshake()
+        return 0
+
+    cdef int handshake(self) except -1:
+        try:
+            self.tls.do_handshake()
+        except SSLWantReadError:
+            self.watch(EPOLLIN)
+            return 0
+        except SSLWantWriteError:
+            self.watch(EPOLLOUT)
+            return 0
+        except (SSLError, OSError) as exc:
+            return self.tls_failed(exc)
+        self.state = C_IDLE
+        self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
+        self.watch(EPOLLIN)
+        if self.tls.pending():
+            self.read()             # a request that came with the handshake's last flight
+        return 0
+
+    cdef int tls_failed(self, BaseException exc) except -1:
+        reason = getattr(exc, "reason", None)
+        if reason == "HTTP_REQUEST":
+            # plain HTTP on a TLS port: nginx's clear-text 400 (best effort, then close)
+            send(self.fd, <const char *>PLAIN_ON_TLS, len(PLAIN_ON_TLS), MSG_NOSIGNAL)
+        if log.enabled("info"):
+            log.info(f"TLS handshake with {self.peer} failed: {reason or exc}")
+        self.core.stats.conn_error += 1
+        self.close()
+        return 0
+
+    def read_pending(self):
+        """TLS: OpenSSL holds decrypted bytes the socket will not announce again."""
+        if C_IDLE <= self.state < C_LINGER and self.interest & EPOLLIN and self.tls is not None:
+            self.read()
+
+    @property
+    def tls_object(self):
+        """The _ssl._SSLSocket of a TLS connection (for the SNI callback), or None."""
+        return self.tls
 
     def __dealloc__(self):
         if self.rbuf != NULL:
@@ -359,6 +429,9 @@ cdef class Connection(Handle):
 
     # ---------------------------------------------------------------- events
     cdef int on_events(self, uint32_t events) except -1:
+        if self.state == C_HANDSHAKE:
+            self.handshake()
+            return 0
         if events & EPOLLOUT:
             self.flush()
         if self.state == C_CLOSED:
@@ -427,7 +500,10 @@ cdef class Connection(Handle):
                 self.watch(EPOLLRDHUP | (EPOLLOUT if self.blocked else 0))
                 return 0
             self.make_room()
-        n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
+        if self.tls is None:
+            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
+        else:
+            n = tls_recv(self.tls, self.rbuf + self.rend, self.rcap - self.rend)
         if n > 0:
             if self.state == C_IDLE:
                 self.state = C_HEAD
@@ -569,6 +645,7 @@ cdef class Connection(Handle):
         self.current = req
         self.owed = True
         req.peer = self.peer
+        req.secure = self.tls is not None
         req.body_limit = self.settings.max_body_size
         if has_body and 0 < self.settings.max_body_size < req.content_length:
             self.close_after = True
@@ -772,7 +849,7 @@ cdef class Connection(Handle):
     cdef int flush(self) except -1:
         cdef Deferred task
         cdef long long before = self.out.sent
-        cdef int r = self.out.flush(self.fd)
+        cdef int r = self.out.flush(self.fd) if self.tls is None else self.out.flush_tls(self.tls)
         self.core.stats.send_bytes += self.out.sent - before
         if r == FLUSH_ERROR:
             self.core.stats.conn_error += 1
@@ -845,12 +922,19 @@ cdef class Connection(Handle):
         if self.blocked:
             ev |= EPOLLOUT
         self.watch(ev)
+        if self.tls is not None and ev & EPOLLIN and self.tls.pending():
+            self.loop.call_soon(self.read_pending)
         return 0
 
     cdef int start_linger(self) except -1:
         if self.read_eof:
             self.close()
             return 0
+        if self.tls is not None:
+            try:
+                self.tls.shutdown()     # close_notify: our side of TLS is done
+            except Exception:
+                pass                    # the peer's close_notify is not awaited
         shutdown(self.fd, SHUT_WR)
         self.state = C_LINGER
         self.out.clear()
@@ -882,6 +966,10 @@ cdef class Connection(Handle):
                 log.exception(f"ending the answer of the {self.describe()}", exc)
         self.unwatch()
         self.set_deadline(0)
+        self.tls = None
+        if self.tls_sock is not None:
+            self.tls_sock.detach()      # the descriptor is ours to close, once
+            self.tls_sock = None
         close(self.fd)
         self.out.clear()
         if self.rbuf != NULL:
@@ -896,8 +984,8 @@ cdef class Connection(Handle):
     # tests: what a client cannot see directly
     @property
     def state_name(self):
-        return ("IDLE", "HEAD", "BODY", "WAIT", "TUNNEL", "CLOSING", "LINGER",
-                "CLOSED")[self.state]
+        return ("HANDSHAKE", "IDLE", "HEAD", "BODY", "WAIT", "TUNNEL", "CLOSING", "LINGER",
+                "CLOSED")[self.state + 1]
 
     @property
     def buffered(self):

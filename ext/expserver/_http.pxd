@@ -37,6 +37,7 @@ cdef class Request:
     cdef public bint expect_continue
     cdef public object body          # filled by RequestParser (tests/embedding) only
     cdef public str peer             # client address, set by the connection
+    cdef public bint secure          # it came over TLS
     cdef public object policy        # the route's response policy (expserver.policy), or None
     cdef public long long body_limit  # largest body this request may send (0: none); the
                                       # connection sets the listener's, its route may lower it

@@ -25,6 +25,8 @@ cdef class Pipe:
     cdef public Py_ssize_t threshold
     cdef public long long sent    # total bytes written to the sink
     cdef public int streams       # queued FileSegments and sources (each holds a file or more)
+    cdef object inflight          # TLS: the bytes of a write to retry as they are (or None)
+    cdef bint inflight_file       # ... taken from the file segment at the head
     cpdef int push(self, bytes data) except -1
     cpdef int push_file(self, int fd, long offset, long long length) except -1
     cpdef int push_source(self, object iterator, bint chunked) except -1
@@ -41,8 +43,14 @@ cdef class Pipe:
     cdef inline bint empty(self):
         return self.head == len(self.items)
     cpdef int flush(self, int fd) except -2
+    cpdef int flush_tls(self, object tls) except -2
+    cdef int advance(self, Py_ssize_t written) except -1
+    cdef object next_tls_chunk(self)
     cpdef void clear(self)
     cdef int _pull(self, object src) except -1
 
 
 cdef bytes join_bytes(list parts)
+
+
+cdef ssize_t tls_recv(object tls, unsigned char *p, Py_ssize_t n) except -2

@@ -14,15 +14,50 @@ its pipe is full, so a pipelining client holds at most one open file at a time.
 
 ``flush`` gathers consecutive bytes items into one ``sendmsg`` (at most 64 iovecs) and
 passes MSG_MORE when a file follows, so a response head and a small file share a segment.
+
+``flush_tls`` is the same sink over TLS (a stdlib ``_ssl._SSLSocket`` on the connection's
+own descriptor, so OpenSSL encrypts straight from our bytes and writes to the socket: no
+memory BIO, no extra copy). Small items are joined into one write of at most TLS_CHUNK
+bytes (one or a few records, one system call); a large item goes out in TLS_CHUNK slices;
+a file is read with ``pread`` into a TLS_CHUNK buffer at a time, never whole. A write that
+would block is retried later with the same bytes (``inflight``), as OpenSSL requires.
+
 Ownership: file descriptors in FileSegments belong to the pipe and are closed when sent or
 when the pipe is cleared.
 """
+import ssl
+
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_WRITE
 from libc.string cimport memcpy
 from expserver._sys cimport *
 
 DEF MAX_IOV = 64
 DEF SENDFILE_CHUNK = 1048576
+DEF TLS_CHUNK = 65536
+
+cdef object SSLWantReadError = ssl.SSLWantReadError
+cdef object SSLWantWriteError = ssl.SSLWantWriteError
+cdef tuple SSL_CLOSED = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
+cdef object SSLError = ssl.SSLError
+
+
+cdef ssize_t tls_recv(object tls, unsigned char *p, Py_ssize_t n) except -2:
+    """``recv`` over TLS into p[:n]: bytes read, 0 at the end, or -1 with errno (EAGAIN:
+    nothing decrypted yet; ECONNRESET: a TLS error)."""
+    global errno
+    try:
+        return tls.read(n, PyMemoryView_FromMemory(<char *>p, n, PyBUF_WRITE))
+    except SSLWantReadError:
+        errno = EAGAIN
+    except SSLWantWriteError:
+        errno = EAGAIN          # no renegotiation: only a peer's key update gets here
+    except SSL_CLOSED:
+        return 0
+    except (SSLError, OSError):
+        errno = ECONNRESET
+    return -1
 
 cdef bytes CHUNK_END = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
@@ -114,6 +149,7 @@ cdef class Pipe:
 
     cpdef void clear(self):
         cdef object item
+        self.inflight = None
         if self.items is None:
             return
         for item in self.items[self.head:]:
@@ -153,7 +189,7 @@ cdef class Pipe:
         cdef iovec iov[MAX_IOV]
         cdef msghdr msg
         cdef int n, flags
-        cdef Py_ssize_t i, nitems, written, left, total
+        cdef Py_ssize_t i, nitems, total
         cdef object item
         cdef bytes b
         cdef FileSegment seg
@@ -195,20 +231,7 @@ cdef class Pipe:
                     if errno == EAGAIN or errno == EINTR:
                         return FLUSH_AGAIN
                     return FLUSH_ERROR
-                self.sent += r
-                self.size -= r
-                written = r
-                # advance over what was written
-                while written > 0:
-                    left = len(<bytes>items[self.head]) - self.off
-                    if written >= left:
-                        written -= left
-                        items[self.head] = None
-                        self.head += 1
-                        self.off = 0
-                    else:
-                        self.off += written
-                        written = 0
+                self.advance(r)
                 if r < total:
                     return FLUSH_AGAIN      # partial write: the socket is full
                 # a whole batch (MAX_IOV items) went out: go on with the next one
@@ -234,3 +257,108 @@ cdef class Pipe:
                 self.head += 1
             else:
                 self._pull(<_Source>item)
+
+    cdef int advance(self, Py_ssize_t written) except -1:
+        """Mark ``written`` bytes of the bytes items at the head as sent."""
+        cdef Py_ssize_t left
+        cdef list items = self.items
+        self.sent += written
+        self.size -= written
+        while written > 0:
+            left = len(<bytes>items[self.head]) - self.off
+            if written >= left:
+                written -= left
+                items[self.head] = None
+                self.head += 1
+                self.off = 0
+            else:
+                self.off += written
+                written = 0
+        return 0
+
+    cdef object next_tls_chunk(self):
+        """The bytes to hand to SSL_write next (None: the pipe is empty), and how they are
+        accounted once written (``inflight_file``: from the file at the head)."""
+        cdef list items = self.items
+        cdef Py_ssize_t i, nitems, total
+        cdef object item
+        cdef bytes b, out
+        cdef list parts
+        cdef FileSegment seg
+        cdef ssize_t r
+        while True:
+            if self.head > 32:
+                del items[:self.head]
+                self.head = 0
+            nitems = len(items)
+            if self.head == nitems:
+                items.clear()
+                self.head = 0
+                return None
+            item = items[self.head]
+            if type(item) is bytes:
+                b = <bytes>item
+                self.inflight_file = False
+                if len(b) - self.off >= TLS_CHUNK or self.head + 1 == nitems \
+                        or type(items[self.head + 1]) is not bytes:
+                    if self.off == 0 and len(b) <= TLS_CHUNK:
+                        return b
+                    return memoryview(b)[self.off:self.off + TLS_CHUNK]
+                parts = [b[self.off:] if self.off else b]
+                total = len(b) - self.off
+                i = self.head + 1
+                while i < nitems and type(items[i]) is bytes and \
+                        total + len(<bytes>items[i]) <= TLS_CHUNK:
+                    parts.append(items[i])
+                    total += len(<bytes>items[i])
+                    i += 1
+                return join_bytes(parts)
+            if type(item) is FileSegment:
+                seg = <FileSegment>item
+                if seg.remaining == 0:
+                    close(seg.fd)
+                    seg.fd = -1
+                    self.streams -= 1
+                    items[self.head] = None
+                    self.head += 1
+                    continue
+                total = TLS_CHUNK if seg.remaining > TLS_CHUNK else <Py_ssize_t>seg.remaining
+                out = PyBytes_FromStringAndSize(NULL, total)
+                r = pread(seg.fd, PyBytes_AS_STRING(out), total, seg.offset)
+                if r <= 0:
+                    return False        # unreadable, or shrank under us: cannot keep the length
+                self.inflight_file = True
+                return out if r == total else out[:r]
+            self._pull(<_Source>item)
+
+    cpdef int flush_tls(self, object tls) except -2:
+        """``flush`` through a TLS connection (see the module docstring)."""
+        cdef object chunk
+        cdef Py_ssize_t n
+        cdef FileSegment seg
+        while True:
+            chunk = self.inflight
+            if chunk is None:
+                chunk = self.next_tls_chunk()
+                if chunk is None:
+                    return FLUSH_DONE
+                if chunk is False:
+                    return FLUSH_ERROR
+            try:
+                n = tls.write(chunk)
+            except SSLWantWriteError:
+                self.inflight = chunk
+                return FLUSH_AGAIN
+            except SSLWantReadError:
+                self.inflight = chunk
+                return FLUSH_AGAIN
+            except (SSLError, OSError):
+                return FLUSH_ERROR
+            self.inflight = None
+            if self.inflight_file:
+                seg = <FileSegment>self.items[self.head]
+                seg.offset += n
+                seg.remaining -= n
+                self.sent += n
+            else:
+                self.advance(n)

@@ -57,8 +57,12 @@ ACTIVE (taken again) ... -> CLOSED. An idle upstream that speaks, closes or outl
 Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
 """
 import socket
+import ssl
 
 from expserver import log
+
+cdef object SSLWantReadError = ssl.SSLWantReadError
+cdef object SSLWantWriteError = ssl.SSLWantWriteError
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdio cimport snprintf
@@ -67,7 +71,7 @@ from libc.string cimport memchr, memcpy, memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, LARGE_BUFFER
-from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR
+from expserver._pipe cimport Pipe, FLUSH_AGAIN, FLUSH_ERROR, tls_recv
 from expserver._http cimport (Parser, Request, AGAIN, FieldLine, field_line, lower_bytes,
                               ieq, list_item)
 from expserver._conn cimport Connection, Deferred
@@ -112,6 +116,7 @@ cdef enum UState:
     U_ACTIVE = 1
     U_IDLE = 2
     U_CLOSED = 3
+    U_HANDSHAKE = 4     # https:// upstream: TCP is up, TLS is being set up
 
 cdef bytes CRLF = b"\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
@@ -355,6 +360,8 @@ cdef class ProxyRoute:
     cdef public double body_timeout   # the route's client body timeout
     cdef dict pools                    # peer -> PeerPool
     cdef dict addrs                    # peer -> (family, sockaddr)
+    cdef public object tls_context     # for https:// peers (an ssl.SSLContext)
+    cdef public dict tls_names         # https:// peer -> the name for SNI and the check
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
                  send_timeout=60.0, idle_timeout=60.0, keepalive=32, retries=1,
@@ -373,6 +380,8 @@ cdef class ProxyRoute:
         self.threshold = threshold
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.tls_context = None
+        self.tls_names = {}
 
     def __call__(self, Request req):
         cdef Exchange ex = Exchange.__new__(Exchange)
@@ -437,6 +446,7 @@ cdef class Upstream(Handle):
     cdef object peer
     cdef PeerPool pool         # the peer's, where it waits while idle
     cdef object sock
+    cdef object tls            # https:// peers: the _ssl._SSLSocket on sock
     cdef Exchange ex
     cdef int state
     cdef bint reused           # came from the pool
@@ -505,9 +515,17 @@ cdef class Upstream(Handle):
                 _ex(self).upstream_failed(self, False, 502)
                 return 0
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.peer in self.route.tls_names:
+                self.state = U_HANDSHAKE
+                self.tls = self.route.tls_context._wrap_socket(
+                    self.sock, False, self.route.tls_names[self.peer], owner=None,
+                    session=None)
+                return self.handshake()
             self.state = U_ACTIVE
             self.flush()
             return 0
+        if self.state == U_HANDSHAKE:
+            return self.handshake()
         if self.state != U_ACTIVE:
             return 0
         if events & EPOLLOUT:
@@ -520,12 +538,32 @@ cdef class Upstream(Handle):
             _ex(self).on_upstream_error(self)     # reset while we were not reading
         return 0
 
+    cdef int handshake(self) except -1:
+        """TLS to the upstream, within connect_timeout (the deadline armed by connect)."""
+        try:
+            self.tls.do_handshake()
+        except SSLWantReadError:
+            self.watch(EPOLLIN)
+            return 0
+        except SSLWantWriteError:
+            self.watch(EPOLLOUT)
+            return 0
+        except (ssl.SSLError, OSError) as exc:
+            log.error(f"upstream {self.peer.address}: TLS handshake failed: "
+                      f"{getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc}")
+            _ex(self).upstream_failed(self, False, 502)
+            return 0
+        self.state = U_ACTIVE
+        self.flush()
+        return 0
+
     cdef int on_timeout(self) except -1:
         if self.state == U_IDLE:
             self.route.forget(self)
             self.close()
         elif self.ex is not None:
-            _ex(self).upstream_failed(self, self.state != U_CONNECTING, 504)
+            _ex(self).upstream_failed(self, self.state != U_CONNECTING and
+                                      self.state != U_HANDSHAKE, 504)
         else:
             self.close()
         return 0
@@ -534,7 +572,7 @@ cdef class Upstream(Handle):
         cdef Exchange ex = self.ex
         cdef bint was_full = self.out.full()
         cdef long long before = self.out.sent
-        cdef int r = self.out.flush(self.fd)
+        cdef int r = self.out.flush(self.fd) if self.tls is None else self.out.flush_tls(self.tls)
         if r == FLUSH_ERROR:
             ex.upstream_failed(self, self.out.sent > 0 or self.reused, 502)
             return 0
@@ -551,7 +589,7 @@ cdef class Upstream(Handle):
         return 0
 
     cdef int read(self) except -1:
-        cdef ssize_t n
+        cdef ssize_t n, more
         if self.rbuf == NULL:
             self.rbuf = self.loop.take_buffer(LARGE_BUFFER)
             self.rstart = self.rend = 0
@@ -564,16 +602,33 @@ cdef class Upstream(Handle):
             memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
             self.rend -= self.rstart
             self.rstart = 0
-        n = recv(self.fd, self.rbuf + self.rend, LARGE_BUFFER - self.rend, 0)
+        if self.tls is None:
+            n = recv(self.fd, self.rbuf + self.rend, LARGE_BUFFER - self.rend, 0)
+        else:
+            n = tls_recv(self.tls, self.rbuf + self.rend, LARGE_BUFFER - self.rend)
+            while n > 0 and self.rend + n < LARGE_BUFFER and self.tls.pending():
+                # OpenSSL holds more decrypted bytes: the socket will not say so
+                more = tls_recv(self.tls, self.rbuf + self.rend + n,
+                                LARGE_BUFFER - self.rend - n)
+                if more <= 0:
+                    break
+                n += more
         if n > 0:
             self.rend += n
             self.set_deadline(self.loop.now + self.route.read_timeout)
             _ex(self).on_upstream_data(self)
+            if self.tls is not None and self.state == U_ACTIVE and not self.paused \
+                    and self.tls is not None and self.tls.pending():
+                self.loop.call_soon(self.read_pending)
         elif n == 0:
             _ex(self).on_upstream_eof(self)
         elif errno != EAGAIN and errno != EINTR:
             _ex(self).on_upstream_error(self)
         return 0
+
+    def read_pending(self):
+        if self.state == U_ACTIVE and not self.paused and self.tls is not None:
+            self.read()
 
     cdef int pause(self) except -1:
         self.paused = True
@@ -587,6 +642,8 @@ cdef class Upstream(Handle):
             self.set_deadline(self.loop.now + self.route.read_timeout)
             if self.rend > self.rstart:
                 _ex(self).on_upstream_data(self)
+            elif self.tls is not None and self.tls.pending():
+                self.loop.call_soon(self.read_pending)
 
     cdef int close(self) except -1:
         if self.state == U_CLOSED:
@@ -594,6 +651,7 @@ cdef class Upstream(Handle):
         self.state = U_CLOSED
         self.unwatch()
         self.set_deadline(0)
+        self.tls = None
         if self.sock is not None:
             self.sock.close()
         self.out.clear()
@@ -764,7 +822,10 @@ cdef class Exchange(Deferred):
             put(w, forwarded)
             put_c(w, b", ", 2)
         put(w, self.conn.peer_ascii)
-        put_c(w, b"\r\nX-Forwarded-Proto: http\r\n", 27)
+        if req.secure:
+            put_c(w, b"\r\nX-Forwarded-Proto: https\r\n", 28)
+        else:
+            put_c(w, b"\r\nX-Forwarded-Proto: http\r\n", 27)
         if host is not None:
             put_c(w, b"X-Forwarded-Host: ", 18)
             put(w, host)

@@ -52,6 +52,7 @@ cdef extern from "<unistd.h>" nogil:
     ctypedef long ssize_t
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
+    ssize_t pread(int fd, void *buf, size_t count, long offset)
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
