@@ -70,12 +70,24 @@ def _config_for(args: argparse.Namespace) -> config.Config:
     return cfg
 
 
+def _certificates(cfg: config.Config) -> None:
+    """What each server's certificate says (the loader has checked it loads and matches)."""
+    from .tls import certificate_summary
+    for i, server in enumerate(cfg.servers):
+        if server.tls is not None:
+            line, warning = certificate_summary(server.tls)
+            print(f"servers[{i}]: {line}")
+            if warning:
+                print(f"expserver: warning: servers[{i}]: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
             cfg = config.load(args.config)
             print(config.summary(cfg))
+            _certificates(cfg)
             print(f"{args.config}: ok")
             return 0
         cfg = _config_for(args)

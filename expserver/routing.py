@@ -65,18 +65,26 @@ class RouteTable:
         return None
 
 
+def host_key(name: str) -> bytes:
+    """A configured host name as requests spell it: lower case, IDNA (punycode)."""
+    return name.lower().encode("idna")
+
+
 class VirtualHosts:
-    """Servers sharing one listener, selected by Host."""
+    """Servers sharing one listener, selected by Host: exact names, and ``*.example.test``
+    wildcards that take any name ending in ``.example.test`` (nginx's server_name)."""
 
     __slots__ = ("_servers", "only")
 
     def __init__(self, servers: Sequence[tuple[tuple[str, ...], Any]]) -> None:
         self._servers = tuple(
-            (frozenset(h.lower().encode("idna") for h in names), server)
+            (frozenset(host_key(h) for h in names if not h.startswith("*.")),
+             tuple(host_key(h)[1:] for h in names if h.startswith("*.")),
+             bool(names), server)
             for names, server in servers
         )
         # a lone server without hostnames takes every request
-        self.only = self._servers[0][1] if len(self._servers) == 1 and not self._servers[0][0] \
+        self.only = self._servers[0][3] if len(self._servers) == 1 and not self._servers[0][2] \
             else None
 
     def select(self, host: bytes) -> Any:
@@ -84,7 +92,7 @@ class VirtualHosts:
             return self.only
         if host.endswith(b"."):
             host = host[:-1]  # "example.com." is the same name, fully qualified
-        for names, server in self._servers:
-            if not names or host in names:
+        for names, suffixes, named, server in self._servers:
+            if not named or host in names or (suffixes and host.endswith(suffixes)):
                 return server
         return None

@@ -62,10 +62,14 @@ def _ssl_reason(e: ssl.SSLError) -> str:
 
 
 def _pick(hostnames: dict[str, ssl.SSLContext], name: str) -> ssl.SSLContext | None:
+    """The context for an SNI name, by the rule that selects servers by Host (exact names
+    first, then the first wildcard whose suffix ends the name)."""
     name = name.lower().rstrip(".")
     ctx = hostnames.get(name)
-    if ctx is None and "." in name:
-        ctx = hostnames.get("*." + name.split(".", 1)[1])
+    if ctx is None:
+        for pattern, candidate in hostnames.items():
+            if pattern.startswith("*.") and name.endswith(pattern[1:]):
+                return candidate
     return ctx
 
 

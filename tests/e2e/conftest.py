@@ -45,6 +45,8 @@ class Server:
         raise RuntimeError("server did not start listening")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.returncode is not None and self.proc.stderr.closed:
+            return self.proc.returncode      # stopped already
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:

@@ -12,6 +12,7 @@ can tell keep-alive reuse, retries and health-check probes apart.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -184,9 +185,11 @@ Serve = Callable[[UpConn], None]
 class Upstream:
     """A listener on 127.0.0.1 running ``serve`` in a thread per connection."""
 
-    def __init__(self, serve: Serve, name: str = "up", backlog: int = 128) -> None:
+    def __init__(self, serve: Serve, name: str = "up", backlog: int = 128,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.serve = serve
         self.name = name
+        self.tls = tls          # an https:// upstream: each connection does a TLS handshake
         self.lsock = socket.socket()
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(("127.0.0.1", 0))
@@ -227,6 +230,8 @@ class Upstream:
 
     def _run(self, conn: UpConn) -> None:
         try:
+            if self.tls is not None:
+                conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)
             self.serve(conn)
         except OSError:
             pass
