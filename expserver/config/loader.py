@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from .environ import substitute
 from .keys import build
 from .model import ROOT, Config
 from .specs import ConfigError, _Context
@@ -69,6 +70,7 @@ def load(path: str) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError("$", f"not UTF-8 text (bad byte at offset {exc.start})") from None
     obj = _parse_toml(text) if path.endswith(".toml") else _parse_json(text)
+    obj = substitute(obj)
     source = os.path.abspath(path)
     return parse(obj, os.path.dirname(source), source=source)
 

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,8 +112,23 @@ class Spec:
         raise NotImplementedError
 
 
+def _from_env(value: object) -> object:
+    """A ``"${VAR}"`` string as the JSON value its text spells (see .environ), else as is."""
+    if type(value).__name__ != "FromEnv" or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text in ("true", "false"):
+        return text == "true"
+    if re.fullmatch(r"-?[0-9]+", text):
+        return int(text)
+    if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", text):
+        return float(text)
+    return value
+
+
 class Boolean(Spec):
     def check(self, value: object, path: str, ctx: _Context) -> object:
+        value = _from_env(value)
         if not isinstance(value, bool):
             raise _expected(path, "a boolean", value)
         return value
@@ -133,6 +149,7 @@ class Integer(Spec):
     choices: tuple[int, ...] = ()
 
     def check(self, value: object, path: str, ctx: _Context) -> object:
+        value = _from_env(value)
         # bool is an int in Python, but `"port": true` is a mistake, not port 1.
         if isinstance(value, bool) or not isinstance(value, int):
             raise _expected(path, "an integer", value)
@@ -168,6 +185,7 @@ class Seconds(Spec):
     """A duration: a JSON number greater than zero, at most MAX_SECONDS."""
 
     def check(self, value: object, path: str, ctx: _Context) -> object:
+        value = _from_env(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _expected(path, "a number of seconds", value)
         try:
@@ -201,6 +219,7 @@ class String(Spec):
     def check(self, value: object, path: str, ctx: _Context) -> object:
         if not isinstance(value, str):
             raise _expected(path, "a string", value)
+        value = str(value)          # a FromEnv string is a plain one from here on
         _unicode(value, path)
         if self.choices and value not in self.choices:
             hint = _did_you_mean(value, self.choices)
@@ -269,6 +288,7 @@ class Workers(Spec):
     """eXpServer's worker count, or "auto" for one per CPU (as nginx's worker_processes)."""
 
     def check(self, value: object, path: str, ctx: _Context) -> object:
+        value = _from_env(value)
         if isinstance(value, str) and value == "auto":
             return os.cpu_count() or 1
         if isinstance(value, bool) or not isinstance(value, int):
