@@ -53,18 +53,46 @@ class Route:
         return self.handler(req)
 
 
-def handler_of(route: config.RouteConfig, loop: Any, figures: metrics.Metrics) -> Any:
+_PLAIN = b"Content-Type: text/plain\r\nCache-Control: no-store\r\n"
+
+
+class Health:
+    """A ``health`` route: 200 while serving, 503 once the worker drains (a stop or a
+    reload began), so a load balancer stops sending before the connections go."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+
+    def __call__(self, req: Any) -> Answer:
+        if self.core.draining:
+            return 503, _PLAIN, b"draining\n"
+        return 200, _PLAIN, b"ok\n"
+
+
+class Parts:
+    """What every route of a worker may need: the loop, its core, its metrics handler."""
+
+    def __init__(self, loop: Any, core: Any, figures: metrics.Metrics) -> None:
+        self.loop = loop
+        self.core = core
+        self.figures = figures
+
+
+def handler_of(route: config.RouteConfig, parts: Parts) -> Any:
     if route.type == "file_serve":
         return static.FileServe(route).serve
     if route.type == "redirect":
         return Redirect(route)
     if route.type == "reverse_proxy":
-        return proxy.make_route(route, loop)
-    return figures
+        return proxy.make_route(route, parts.loop)
+    if route.type == "health":
+        return Health(parts.core)
+    return parts.figures
 
 
-def build_route(route: config.RouteConfig, server: config.ServerConfig, loop: Any,
-                figures: metrics.Metrics) -> Route:
+def build_route(route: config.RouteConfig, server: config.ServerConfig, parts: Parts) -> Route:
     checks: list[Check] = []
     rules = [rule for rule in (acl.Acl(server.ip_whitelist, server.ip_blacklist),
                                acl.Acl(route.ip_whitelist, route.ip_blacklist))
@@ -74,8 +102,7 @@ def build_route(route: config.RouteConfig, server: config.ServerConfig, loop: An
     # a reverse_proxy route enforces its own limit while it streams the body
     if route.type != "reverse_proxy" and route.max_body_size:
         checks.append(body_limit_check(route.max_body_size, error))
-    return Route(handler_of(route, loop, figures), route.type, checks,
-                 response_policy(server, route))
+    return Route(handler_of(route, parts), route.type, checks, response_policy(server, route))
 
 
 class ToHTTPS:
@@ -102,25 +129,29 @@ class Site:
     """One server: its route table (entries: (callable, route kind)), its own policy, which
     answers requests no route takes, and its redirect of plain requests to https."""
 
-    __slots__ = ("hostnames", "table", "policy", "to_https")
+    __slots__ = ("hostnames", "table", "policy", "to_https", "access_log")
 
-    def __init__(self, server: config.ServerConfig, loop: Any, figures: metrics.Metrics) -> None:
+    def __init__(self, server: config.ServerConfig, parts: Parts, access_log: Any) -> None:
         self.hostnames = server.hostnames
         self.policy = response_policy(server, None)
         self.to_https = ToHTTPS(server) if server.https_redirect else None
+        self.access_log = access_log        # an AccessLog, or False: none
         entries: list[tuple[str, tuple[Any, str]]] = []
         for r in server.routes:
-            route = build_route(r, server, loop, figures)
+            route = build_route(r, server, parts)
             entries.append((r.req_path, (route.handler if route.plain else route.serve,
                                          route.kind)))
         # eXpServer's dashboard polls a server without routes at /api
-        self.table = routing.RouteTable(entries or [("/api", (figures, "metrics"))])
+        self.table = routing.RouteTable(entries or [("/api", (parts.figures, "metrics"))])
 
 
-def build_sites(cfg: config.Config, loop: Any, worker: metrics.WorkerMetrics) -> list[Site]:
-    """Every server of the config, once per worker."""
-    figures = metrics.Metrics(worker, cfg.server_name)
-    return [Site(server, loop, figures) for server in cfg.servers]
+def build_sites(cfg: config.Config, loop: Any, core: Any, worker: metrics.WorkerMetrics,
+                access_logs: list[Any] | None = None) -> list[Site]:
+    """Every server of the config, once per worker (``access_logs``: each server's
+    AccessLog, or False)."""
+    parts = Parts(loop, core, metrics.Metrics(worker, cfg.server_name))
+    logs = access_logs or [False] * len(cfg.servers)
+    return [Site(server, parts, log) for server, log in zip(cfg.servers, logs)]
 
 
 class App:
@@ -130,6 +161,9 @@ class App:
         self.by_kind = worker.by_kind
         self.hosts = routing.VirtualHosts([(site.hostnames, site) for site in sites])
         self.only = self.hosts.only   # one site that takes any host: no selection to make
+        # the listener logs with its first site's access log; others say theirs per request
+        self.default_log = sites[0].access_log if sites else False
+        self.mixed = any(site.access_log is not self.default_log for site in sites)
 
     def handle(self, req: Any) -> Answer:
         """The answer to one request (the listener calls this bound method: a cheaper call
@@ -139,6 +173,8 @@ class App:
         site = self.only if self.only is not None else self.hosts.select(req.host)
         if site is None:
             return error(404)
+        if self.mixed:
+            req.access_log = site.access_log
         if site.to_https is not None and not req.secure:
             return site.to_https(req)
         entry = site.table.match(req.path)

@@ -5,7 +5,9 @@
 Every part of the server logs through the functions here, so the destination and the level
 are set in one place (:func:`configure`). An unexpected exception is logged once, with its
 context and the innermost frame it came from (:func:`exception`); the whole traceback only
-at ``debug``, for developers.
+at ``debug``, for developers. The server configures a :class:`~expserver.logfile.LogFile`
+(``error_log``): lines then go through its writer thread, so logging never waits on a disk;
+until then (and in tests) they are written to ``sys.stderr``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import sys
 import time
 import traceback
-from typing import TextIO
+from typing import Any, TextIO
 
 LEVELS = ("debug", "info", "warn", "error")
 _rank = {name: i for i, name in enumerate(LEVELS)}
@@ -21,17 +23,33 @@ _rank = {name: i for i, name in enumerate(LEVELS)}
 
 class _State:
     stream: TextIO | None = None    # None: whatever sys.stderr is at the time
+    file: Any = None                # a LogFile (the server's error_log), or None
     level: int = _rank["warn"]
+    dropped: int = 0
 
 
 _state = _State()
 
 
-def configure(stream: TextIO | None = None, level: str | None = None) -> None:
+def configure(stream: TextIO | None = None, level: str | None = None,
+              file: Any = None) -> None:
     if stream is not None:
         _state.stream = stream
+    if file is not None:
+        _state.file = file
     if level is not None:
         _state.level = _rank[level]
+
+
+def reopen() -> None:
+    if _state.file is not None:
+        _state.file.reopen()
+
+
+def close() -> None:
+    """Write what is queued (at exit)."""
+    if _state.file is not None:
+        _state.file.close()
 
 
 def enabled(level: str) -> bool:
@@ -42,9 +60,14 @@ def _write(level: str, message: str) -> None:
     if _rank[level] < _state.level:
         return
     stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+    line = f"{stamp} [{level}] {os.getpid()}: {message}\n"
+    if _state.file is not None:
+        if not _state.file.submit(line.encode("utf-8", "replace")):
+            _state.dropped += 1
+        return
     try:
         stream = _state.stream or sys.stderr
-        stream.write(f"{stamp} [{level}] {os.getpid()}: {message}\n")
+        stream.write(line)
         stream.flush()
     except (OSError, ValueError):
         pass        # a closed or full log must never take a request down with it

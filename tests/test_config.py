@@ -275,7 +275,7 @@ ERRORS: list[tuple[str, object, str]] = [
         "route-type-unknown",
         one_route(req_path="/", type="fileserve"),
         'servers[0].routes[0].type: must be one of "file_serve", "redirect", "reverse_proxy", '
-        '"metrics", got "fileserve", did you mean "file_serve"?',
+        '"metrics", "health", got "fileserve", did you mean "file_serve"?',
     ),
     ("route-type-missing", one_route(req_path="/"), "servers[0].routes[0]: type is required"),
     (
@@ -661,13 +661,16 @@ def test_toml(tmp_path: Path) -> None:
 
 def test_default_serves_one_directory(tmp_path: Path) -> None:
     cfg = default(str(tmp_path))
+    log = config.AccessLogConfig("stdout", "combined")      # as python -m http.server does
     assert cfg == Config(
         servers=(
             ServerConfig(
                 listeners=(ListenerConfig("127.0.0.1", 8080),),
                 routes=(RouteConfig(req_path="/", type="file_serve", dir_path=str(tmp_path)),),
+                access_log=log,
             ),
-        )
+        ),
+        access_log=log,
     )
     assert cfg.servers[0].routes[0].autoindex
     assert default(str(tmp_path), host="::", port=9000).servers[0].listeners == (
@@ -1265,6 +1268,7 @@ def test_cascading_keys_share_one_default() -> None:
         "connect_timeout",
         "upstream_read_timeout",
         "upstream_send_timeout",
+        "access_log",
     }
     assert all(len(values) == 1 for values in cascading.values()), cascading
 

@@ -506,7 +506,8 @@ def worker(closing):
     closed after the test)."""
     rig = Rig(ok)
     closing.append(rig)
-    w = metrics.WorkerMetrics(rig.core.stats, metrics.Board(1), 0)
+    board = metrics.Board(1)
+    w = metrics.WorkerMetrics(rig.core.stats, board, board.take())
     yield rig, w
     os.close(w._statm)
 
@@ -519,10 +520,10 @@ def test_a_raising_metrics_publisher_does_not_stop_the_next_tick(capsys, worker,
     w.start(rig.loop)                       # the first tick's publish raises, in start()
     assert publish.calls() == 1
     one_error(capsys, "publishing this worker's metrics", "Boom")
-    assert w.board.read()[0]["pid"] == 0
+    assert w.board.slot(w.slot)["pid"] == 0
     rig.advance(metrics.PUBLISH_EVERY)
     assert publish.calls() == 2             # the next tick still ran ...
-    assert w.board.read()[0]["pid"] == os.getpid()     # ... and published
+    assert w.board.slot(w.slot)["pid"] == os.getpid()     # ... and published
     rig.advance(metrics.PUBLISH_EVERY)
     assert publish.calls() == 3
     no_error(capsys)

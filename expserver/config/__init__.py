@@ -37,7 +37,9 @@ from .model import (
     TLS,
     UPSTREAM,
     UPSTREAM_TLS,
+    AccessLogConfig,
     Config,
+    ErrorLogConfig,
     HeadersConfig,
     HealthCheckConfig,
     ListenerConfig,
@@ -51,7 +53,7 @@ from .specs import ConfigError
 from .summary import summary
 
 __all__ = [
-    "HEADERS", "TLS", "UPSTREAM_TLS", "TLSConfig", "UpstreamTLSConfig", "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
+    "HEADERS", "AccessLogConfig", "ErrorLogConfig", "TLS", "UPSTREAM_TLS", "TLSConfig", "UpstreamTLSConfig", "HEALTH_CHECK", "LB_METHODS", "LISTENER", "PROXY_KEYS", "REDIRECT_CODES", "REQUIRED_BY_TYPE",
     "ROOT", "ROUTE", "ROUTE_TYPES", "SERVER", "TABLES", "UPSTREAM", "Config", "ConfigError",
     "Field", "HeadersConfig", "HealthCheckConfig", "ListenerConfig", "Nested", "RouteConfig", "ServerConfig",
     "Table", "UpstreamConfig", "default", "load", "parse", "schema", "split_host_port", "summary",

@@ -165,6 +165,39 @@ def file_path(text: str, path: str, ctx: _Context) -> str:
     return full
 
 
+def log_path(text: str, path: str, ctx: _Context) -> str:
+    """"stdout", "stderr", or a file (created if need be) in a directory that exists."""
+    if text in ("stdout", "stderr"):
+        return text
+    if not text or "\x00" in text:
+        raise ConfigError(path, f'must be "stdout", "stderr" or a file path, got {_show(text)}')
+    full = os.path.abspath(os.path.join(ctx.base_dir, text))
+    if not os.path.isdir(os.path.dirname(full)):
+        raise ConfigError(path, f"directory {_show(os.path.dirname(full))} does not exist")
+    if os.path.isdir(full):
+        raise ConfigError(path, f"{_show(full)} is a directory")
+    return full
+
+
+def log_format(text: str, path: str, ctx: _Context) -> str:
+    if text in ("combined", "json"):
+        return text
+    from .._access import compile_template
+    try:
+        compile_template(text)
+    except ValueError as e:
+        raise ConfigError(path, f'must be "combined", "json" or a template of $variables: '
+                                f"{e}") from None
+    return text
+
+
+def plain_path(text: str, path: str, ctx: _Context) -> str:
+    """A file path resolved against the config's directory (it need not exist yet)."""
+    if not text or "\x00" in text:
+        raise ConfigError(path, f"must be a file path, got {_show(text)}")
+    return os.path.abspath(os.path.join(ctx.base_dir, text))
+
+
 def env_name(text: str, path: str, ctx: _Context) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
         raise ConfigError(path, f"must be an environment variable name, got {_show(text)}")
@@ -198,6 +231,10 @@ LISTEN_HOST = String(extra=listen_host, keywords=(("minLength", 1),))
 DIR_PATH = String(extra=dir_path, keywords=(("minLength", 1),))
 NETWORK = String(extra=network)
 FILE_PATH = String(extra=file_path, keywords=(("minLength", 1),))
+LOG_PATH = String(extra=log_path, keywords=(("minLength", 1),))
+LOG_FORMAT = String(extra=log_format, keywords=(("minLength", 1),))
+PLAIN_PATH = String(extra=plain_path, keywords=(("minLength", 1),))
+NAME = _pattern(header_value, "^[\\x20-\\x7e]+$")
 ENV_NAME = _pattern(env_name, "^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -84,6 +84,8 @@ def parse(obj: object, base_dir: str, source: str | None = None) -> Config:
 def default(dir_path: str, host: str = "127.0.0.1", port: int = 8080) -> Config:
     """The no-config mode: serve ``dir_path`` with directory listings on one listener."""
     raw = {
+        # as python -m http.server and uvicorn do: one line per request on stdout
+        "access_log": {"path": "stdout", "format": "combined"},
         "servers": [
             {
                 "listeners": [{"host": host, "port": port}],

@@ -33,7 +33,7 @@ from .specs import (
     _show,
 )
 
-ROUTE_TYPES = ("file_serve", "redirect", "reverse_proxy", "metrics")
+ROUTE_TYPES = ("file_serve", "redirect", "reverse_proxy", "metrics", "health")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Keys a route of a given type cannot do without (eXpServer has the same rules).
 REQUIRED_BY_TYPE: dict[str, tuple[str, ...]] = {
@@ -48,6 +48,50 @@ declare = key   # for classes with a field named "key" (TLSConfig)
 
 def _acl(doc: str) -> Any:
     return key((), spec=Array(checks.NETWORK), doc=doc, ours=False)
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    path: str = key(
+        "stdout", spec=checks.LOG_PATH,
+        doc='Where lines go: "stdout", "stderr" or a file (appended to; reopened on SIGUSR1, '
+            "after logrotate moves it).")
+    format: str = key(
+        "combined", spec=checks.LOG_FORMAT,
+        doc='"combined" (nginx\'s, exactly), "json" (one object per line with Caddy\'s field '
+            "names: request.remote_ip/method/host/uri/proto/headers/tls, status, size, "
+            "duration, upstream, request_id), or a template of nginx-style variables: "
+            "$remote_addr $time_local $time_iso8601 $msec $request $request_method "
+            "$request_uri $server_protocol $host $status $body_bytes_sent $bytes_sent "
+            "$http_referer $http_user_agent $request_time $upstream_addr "
+            "$upstream_response_time $ssl_protocol $request_id.")
+
+
+@dataclass(frozen=True)
+class ErrorLogConfig:
+    path: str = key("stderr", spec=checks.LOG_PATH,
+                    doc='"stdout", "stderr" or a file (reopened on SIGUSR1).')
+    level: str = key(
+        "warn", spec=String(choices=("debug", "info", "warn", "error")),
+        doc='The least severe messages written: "error" (internal faults, refused '
+            'configs), "warn" (failing upstreams, worker deaths, reloads), "info" (TLS '
+            'handshake failures, timeouts), "debug" (tracebacks).')
+
+
+@dataclass(frozen=True, kw_only=True)
+class Logging:
+    """Keys of the top level and servers."""
+
+    access_log: AccessLogConfig | None = key(
+        None, spec=Nullable(Nested(Table("access_log", AccessLogConfig, ()))), cascade=True,
+        default_doc="none (`expserver serve DIR`: stdout, combined)",
+        doc="One line per response, written in batches (at 64 KiB, every second and at "
+            "exit) by a thread of each worker, so the loop never waits on the disk; lines "
+            "the disk cannot take are dropped and counted rather than slow the server. null "
+            "or unset: no access log (eXpServer configs keep eXpServer's quiet).")
 
 
 # --- cascading keys: declared once, inherited top level -> server -> route ----------------------
@@ -290,7 +334,9 @@ class RouteConfig(RequestLimits, Policies):
         spec=String(choices=ROUTE_TYPES), ours=False,
         doc='What the route does: "file_serve" serves files from dir_path, "redirect" answers '
             'with a redirect to redirect_url, "reverse_proxy" forwards to upstreams, "metrics" '
-            "serves the server's metrics.")
+            'serves the server\'s metrics, "health" answers load balancers\' and Kubernetes\' '
+            'probes: 200 "ok" while serving, 503 "draining" once a stop or reload began (not '
+            "an eXpServer type).")
     dir_path: str | None = key(
         None, spec=checks.DIR_PATH, ours=False,
         doc="file_serve: directory to serve files from (required). A relative path resolves "
@@ -382,7 +428,7 @@ class RouteConfig(RequestLimits, Policies):
 
 
 @dataclass(frozen=True)
-class ServerConfig(ConnectionLimits, RequestLimits, Policies):
+class ServerConfig(ConnectionLimits, RequestLimits, Policies, Logging):
     listeners: tuple[ListenerConfig, ...] = key(
         spec=Array(Nested(Table("listener", ListenerConfig, ())), min_items=1), ours=False,
         doc="Addresses this server accepts connections on. Several servers may share one "
@@ -417,7 +463,7 @@ class ServerConfig(ConnectionLimits, RequestLimits, Policies):
 
 
 @dataclass(frozen=True)
-class Config(ConnectionLimits, RequestLimits):
+class Config(ConnectionLimits, RequestLimits, Logging):
     servers: tuple[ServerConfig, ...] = key(
         spec=Array(Nested(Table("server", ServerConfig, ())), min_items=1), ours=False,
         doc="The virtual servers. Each has its own listeners, host names and routes; a request "
@@ -435,8 +481,26 @@ class Config(ConnectionLimits, RequestLimits):
             "accepting until one closes (nginx's worker_connections).")
     drain_timeout: float = key(
         30.0, spec=Seconds(),
-        doc="Seconds a graceful shutdown (QUIT) lets in-flight requests finish before the "
-            "connections left are closed (nginx's worker_shutdown_timeout).")
+        doc="Seconds a graceful shutdown (QUIT) or an old worker after a reload (HUP) lets "
+            "in-flight requests finish before the connections left are closed (nginx's "
+            "worker_shutdown_timeout).")
+    error_log: ErrorLogConfig = key(
+        ErrorLogConfig(), spec=Nested(Table("error_log", ErrorLogConfig, ())),
+        default_doc="stderr, warn",
+        doc="Where the server says what went wrong: upstream failures (which peer, why), "
+            "timeouts, worker deaths, reloads, refused configs; never a bare traceback.")
+    pid_file: str | None = key(
+        None, spec=checks.PLAIN_PATH,
+        default_doc="a file in the temp directory named after the config",
+        doc="The master's process id, for `expserver reload|stop|quit|reopen -c FILE` and "
+            "service managers; removed at exit.")
+    user: str | None = key(
+        None, spec=checks.NAME,
+        doc="Run the workers as this user (the master binds the ports, ports under 1024 "
+            "too, and opens the logs as root first). Without it a server started as root "
+            "keeps root and says so, unless --allow-root.")
+    group: str | None = key(None, spec=checks.NAME,
+                            doc="The workers' group; default: the user's own group.")
     source: str | None = None  # not a key: set by load()
 
 
@@ -555,6 +619,8 @@ ROUTE = Table.of("route", RouteConfig, "What to do with requests under one path 
 SERVER = Table.of("server", ServerConfig,
                   "A virtual server: where it listens, which hosts it answers, and its routes.",
                   finish=_finish_server)
+ACCESS_LOG = Table.of("access_log", AccessLogConfig, "An access log: where and in what format.")
+ERROR_LOG = Table.of("error_log", ErrorLogConfig, "The error log: where and how much.")
 TLS = Table.of("tls", TLSConfig, "A server's certificate and TLS settings.",
                 finish=_finish_tls)
 UPSTREAM_TLS = Table.of("upstream_tls", UpstreamTLSConfig,
@@ -569,7 +635,7 @@ HEADERS = Table.of("headers", HeadersConfig,
                    "Rules that set, add and remove fields of responses.")
 
 TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, TLS, ROUTE, UPSTREAM, UPSTREAM_TLS,
-                                  HEALTH_CHECK, HEADERS)
+                                  HEALTH_CHECK, HEADERS, ACCESS_LOG, ERROR_LOG)
 ALL_TABLES.extend(TABLES)
 # The tables the Nested specs above were declared with (before these existed) are stand-ins
 # holding the name and class; point them at the real ones.

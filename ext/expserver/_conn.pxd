@@ -2,6 +2,7 @@ from libc.stdint cimport uint32_t
 from expserver._loop cimport Loop, Handle
 from expserver._pipe cimport Pipe, FileRange
 from expserver._http cimport Parser, Request
+from expserver._access cimport AccessLog, Record
 
 
 cdef class Stats:
@@ -11,6 +12,7 @@ cdef class Stats:
     cdef public long long res_1xx, res_2xx, res_3xx, res_4xx, res_5xx
     cdef public long long recv_bytes, send_bytes
     cdef public double res_time_total, res_time_peak
+    cdef long long hist[14]       # responses by time to their head (see DURATION_BUCKETS)
 
 
 cdef class Settings:
@@ -33,6 +35,7 @@ cdef class Listener(Handle):
     cdef public object handler
     cdef public Settings settings
     cdef public object tls_context   # an ssl.SSLContext: connections start with a handshake
+    cdef public object access_log    # the AccessLog of its requests (a site's may differ)
     cdef Core core
     cdef bint paused
     cdef void _pause(self, double seconds)
@@ -83,6 +86,8 @@ cdef class Connection(Handle):
     cdef object tls            # TLS: the stdlib's _ssl._SSLSocket on our descriptor
     cdef object tls_sock       # ... and the socket object it needs alive (detached on close)
     cdef object __weakref__    # the TLS owner, for the SNI callback
+    cdef bytes tls_proto       # "TLSv1.3", for the access log
+    cdef Record record         # the access-log record of the response being produced
     cdef unsigned char *rbuf
     cdef Py_ssize_t rcap, rstart, rend
     cdef Parser parser
@@ -111,7 +116,9 @@ cdef class Connection(Handle):
     cdef int dispatch(self, Request req) except -1
     cdef int respond_error(self, Request req, int status) except -1
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1
-    cdef int push_head(self, bytes head, int status) except -1
+    cdef int push_head(self, Request req, bytes head, int status) except -1
+    cdef int end_record(self) except -1
+    cpdef note_upstream(self, bytes address, double seconds)
     cdef int count(self, int status) except -1
     cdef void close_file(self, FileRange fr)
     cdef int fail(self, int status) except -1

@@ -79,6 +79,7 @@ from expserver import log
 from expserver.pages import page as error_page
 
 DEF LINGER_SECONDS = 5.0
+DEF DRAIN_GRACE = 1.0
 DEF ACCEPT_BATCH = 64
 
 cdef bytes CRLF = b"\r\n"
@@ -128,8 +129,20 @@ cdef inline bytes http_date(double now):
     return _date
 
 
+# Upper bounds (seconds) of the request-duration histogram's buckets; the last is +Inf.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
+cdef double BOUNDS[13]
+for _i, _b in enumerate(DURATION_BUCKETS):
+    BOUNDS[_i] = _b
+
+
 cdef class Stats:
     """Counters of one worker (read by the metrics route)."""
+
+    def histogram(self):
+        """Responses per duration bucket (not cumulative), +Inf last."""
+        return [self.hist[i] for i in range(14)]
 
 
 cdef class Settings:
@@ -195,6 +208,7 @@ cdef class Listener(Handle):
         self.settings = settings
         self.paused = False
         self.tls_context = None
+        self.access_log = None
 
     def start(self):
         self.paused = False
@@ -389,6 +403,7 @@ cdef class Connection(Handle):
         except (SSLError, OSError) as exc:
             return self.tls_failed(exc)
         self.state = C_IDLE
+        self.tls_proto = self.tls.version().encode("ascii")
         self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
         self.watch(EPOLLIN)
         if self.tls.pending():
@@ -479,11 +494,14 @@ cdef class Connection(Handle):
         return 0
 
     cdef void drain(self):
-        """Graceful stop: an idle connection closes now, a busy one after its answer."""
+        """Graceful stop: a busy connection closes after its answer; an idle one gets
+        DRAIN_GRACE seconds for a request already on its way (answered with Connection:
+        close, so the client opens its next connection to a worker that stays), so a client
+        never sees its request met by a close."""
         self.close_after = True
         if self.state == C_IDLE and self.task is None:
             if self.out.empty():
-                self.close()
+                self.set_deadline(self.loop.now + DRAIN_GRACE)
             else:
                 self.state = C_CLOSING
 
@@ -739,7 +757,7 @@ cdef class Connection(Handle):
                 close = True
         if close:
             self.close_after = True
-        self.push_head(join_bytes([
+        self.push_head(req, join_bytes([
             status_prefix(status), http_date(self.loop.now), headers, framing,
             CONN_CLOSE if close else (CONN_KEEP if req.version == 10 else b""), CRLF]), status)
         if head_only or body is None:
@@ -755,14 +773,36 @@ cdef class Connection(Handle):
                 self.close_file(body)
         else:
             self.out.push_source(body, req.version == 11)
+        self.end_record()
         return 0
 
-    cdef int push_head(self, bytes head, int status) except -1:
-        """Queue the response head of the current request (every route type comes here)."""
+    cdef int push_head(self, Request req, bytes head, int status) except -1:
+        """Queue the response head of ``req`` (every route type comes here)."""
+        cdef object log = req.access_log
+        if log is None:
+            log = self.listener.access_log
+        if log is not None and log is not False:
+            self.end_record()
+            self.record = (<AccessLog>log).record(req, self.peer_ascii, self.tls_proto,
+                                                  self.started, status, len(head))
         self.out.push(head)
         self.owed = False
         self.count(status)
         return 0
+
+    cdef int end_record(self) except -1:
+        """The response being produced is all queued: log it when the client has it."""
+        cdef Record record = self.record
+        if record is not None:
+            self.record = None
+            self.out.push_record(record)
+        return 0
+
+    cpdef note_upstream(self, bytes address, double seconds):
+        """The proxy's peer and its time to the response head, for the access log."""
+        if self.record is not None:
+            self.record.upstream = address
+            self.record.upstream_time = seconds
 
     cdef int count(self, int status) except -1:
         cdef Stats stats = self.core.stats
@@ -781,6 +821,10 @@ cdef class Connection(Handle):
         stats.res_time_total += elapsed
         if elapsed > stats.res_time_peak:
             stats.res_time_peak = elapsed
+        cdef int b = 0
+        while b < 13 and elapsed > BOUNDS[b]:
+            b += 1
+        stats.hist[b] += 1
         return 0
 
     cdef void close_file(self, FileRange fr):
@@ -818,6 +862,7 @@ cdef class Connection(Handle):
     cdef int task_done(self, bint reusable) except -1:
         """The deferred answer is complete (``reusable``: the connection may go on)."""
         self.end_task()
+        self.end_record()
         self.head_deadline = self.loop.now + self.settings.header_timeout
         if not reusable:
             self.close_after = True
@@ -971,7 +1016,10 @@ cdef class Connection(Handle):
             self.tls_sock.detach()      # the descriptor is ours to close, once
             self.tls_sock = None
         close(self.fd)
-        self.out.clear()
+        self.out.clear()                # logs the records it still held
+        if self.record is not None:
+            record, self.record = self.record, None
+            self.out.reach(record)      # an answer cut short: what went out of it
         if self.rbuf != NULL:
             self.loop.give_buffer(self.rbuf, self.rcap)
             self.rbuf = NULL

@@ -37,6 +37,8 @@ cdef class Request:
     cdef public bint expect_continue
     cdef public object body          # filled by RequestParser (tests/embedding) only
     cdef public str peer             # client address, set by the connection
+    cdef public bytes request_id     # X-Request-ID as sent upstream and logged, or None
+    cdef public object access_log    # its site's AccessLog, False for none, None: the listener's
     cdef public bint secure          # it came over TLS
     cdef public object policy        # the route's response policy (expserver.policy), or None
     cdef public long long body_limit  # largest body this request may send (0: none); the

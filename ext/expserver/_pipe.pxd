@@ -1,4 +1,5 @@
 cimport cython
+from expserver._access cimport Record
 
 cdef enum FlushResult:
     FLUSH_DONE = 0      # everything queued was written
@@ -25,11 +26,14 @@ cdef class Pipe:
     cdef public Py_ssize_t threshold
     cdef public long long sent    # total bytes written to the sink
     cdef public int streams       # queued FileSegments and sources (each holds a file or more)
+    cdef long long mark_sent      # self.sent when the last access-log Record was reached
     cdef object inflight          # TLS: the bytes of a write to retry as they are (or None)
     cdef bint inflight_file       # ... taken from the file segment at the head
     cpdef int push(self, bytes data) except -1
     cpdef int push_file(self, int fd, long offset, long long length) except -1
     cpdef int push_source(self, object iterator, bint chunked) except -1
+    cdef int push_record(self, Record record) except -1
+    cdef int reach(self, Record record) except -1
     cdef inline bint full(self):
         # a queued file or stream counts as full: one open file per connection at a time,
         # whatever a pipelining client asks for

@@ -32,6 +32,7 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_WRITE
 from libc.string cimport memcpy
 from expserver._sys cimport *
+from expserver._access cimport Record
 
 DEF MAX_IOV = 64
 DEF SENDFILE_CHUNK = 1048576
@@ -147,6 +148,19 @@ cdef class Pipe:
         self.streams += 1
         return 0
 
+    cdef int push_record(self, Record record) except -1:
+        """An access-log record, reached once everything queued before it is written."""
+        if self.head == len(self.items):
+            self.reach(record)
+        else:
+            self.items.append(record)
+        return 0
+
+    cdef int reach(self, Record record) except -1:
+        record.done(self.sent - self.mark_sent)    # the bytes since the last record: its own
+        self.mark_sent = self.sent
+        return 0
+
     cpdef void clear(self):
         cdef object item
         self.inflight = None
@@ -156,6 +170,11 @@ cdef class Pipe:
             if type(item) is FileSegment and (<FileSegment>item).fd >= 0:
                 close((<FileSegment>item).fd)
                 (<FileSegment>item).fd = -1
+            elif type(item) is Record:
+                try:
+                    self.reach(<Record>item)     # a response cut short: what went out
+                except Exception:
+                    pass
         self.items = []
         self.head = 0
         self.off = 0
@@ -255,6 +274,10 @@ cdef class Pipe:
                 self.streams -= 1
                 items[self.head] = None
                 self.head += 1
+            elif type(item) is Record:
+                items[self.head] = None
+                self.head += 1
+                self.reach(<Record>item)
             else:
                 self._pull(<_Source>item)
 
@@ -329,6 +352,11 @@ cdef class Pipe:
                     return False        # unreadable, or shrank under us: cannot keep the length
                 self.inflight_file = True
                 return out if r == total else out[:r]
+            if type(item) is Record:
+                items[self.head] = None
+                self.head += 1
+                self.reach(<Record>item)
+                continue
             self._pull(<_Source>item)
 
     cpdef int flush_tls(self, object tls) except -2:

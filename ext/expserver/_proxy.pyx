@@ -988,7 +988,7 @@ cdef class Exchange(Deferred):
                            % (h.upgrade or b"websocket"))
         self.state = X_TUNNEL
         self.close_down = True
-        self.conn.push_head(relay_head(p, fields_start, end, h, False, tail), 101)
+        self.conn.push_head(self.req, relay_head(p, fields_start, end, h, False, tail), 101)
         peer_succeeded(up.peer)
         up.parser.start_framing(False, -1, True)
         self.conn.flush()
@@ -1030,7 +1030,10 @@ cdef class Exchange(Deferred):
         else:
             head = with_policy(req, h.status, relay_head(p, fields_start, end, h, with_length,
                                                          CRLF), tail)
-        self.conn.push_head(head, h.status)
+        self.conn.push_head(self.req, head, h.status)
+        if self.conn.record is not None:
+            self.conn.note_upstream(up.peer.address.encode("ascii", "replace"),
+                                    (<Loop>self.route.loop).now - self.conn.started)
         self.state = X_RELAY
         peer_succeeded(up.peer)
         # not flushed here: the body that came with the head goes out in the same send

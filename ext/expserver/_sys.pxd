@@ -31,6 +31,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     enum:
         CLOCK_MONOTONIC
+        CLOCK_REALTIME
     int clock_gettime(int clk, timespec *ts)
 
 cdef extern from "<errno.h>" nogil:

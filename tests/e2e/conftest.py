@@ -59,7 +59,28 @@ class Server:
 
     @property
     def pid(self) -> int:
+        """The master's pid (the process started)."""
         return self.proc.pid
+
+    def worker_pids(self, count: int = 1, timeout: float = 5.0) -> list[int]:
+        """The master's worker processes, once ``count`` of them run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except OSError:
+                kids = []
+            if len(kids) >= count or time.monotonic() > deadline:
+                return kids
+            time.sleep(0.02)
+
+    @property
+    def worker_pid(self) -> int:
+        """The worker of a one-worker server (the process that serves)."""
+        kids = self.worker_pids(1)
+        assert len(kids) == 1, kids
+        return kids[0]
 
 
 class Served:

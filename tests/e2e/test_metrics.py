@@ -55,18 +55,55 @@ def test_json_contract_and_counts(start, tmp_path):
     assert f["workers_ram_usage_bytes"] > 1_000_000
 
 
-def test_prometheus_text(start, tmp_path):
+def test_prometheus_text_follows_the_conventions(start, tmp_path):
+    """Parsed by prometheus_client's own parser: HELP and TYPE for every family, counters
+    named *_total, seconds, labels for route kinds and status classes, a histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
     root = tmp_path / "www"
     root.mkdir()
+    (root / "a.txt").write_bytes(b"hello")
     served = start(routes=routes(root))
+    for _ in range(3):
+        assert request(served, b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+    assert request(served, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
     status, headers, body = request(
         served, b"GET /metrics?format=prometheus HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
-    text = body.decode()
-    assert "# TYPE expserver_req_total counter\nexpserver_req_total 1\n" in text
-    assert '# TYPE expserver_workers_cpu_usage_percent gauge\n' in text
-    assert 'expserver_workers_cpu_usage_percent{worker="0"}' in text
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for family in families.values():
+        assert family.documentation, family.name
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+    def value(family, name, **labels):
+        return next(s.value for s in families[family].samples
+                    if s.name == name and s.labels == labels)
+    assert families["expserver_requests"].type == "counter"
+    assert value("expserver_requests", "expserver_requests_total", kind="file_serve") == 4
+    assert value("expserver_requests", "expserver_requests_total", kind="metrics") == 1
+    assert value("expserver_responses", "expserver_responses_total", code="2xx") == 3
+    assert value("expserver_responses", "expserver_responses_total", code="4xx") == 1
+    hist = families["expserver_request_duration_seconds"]
+    assert hist.type == "histogram"
+    buckets = [s for s in hist.samples if s.name.endswith("_bucket")]
+    counts = [s.value for s in buckets]
+    assert counts == sorted(counts) and buckets[-1].labels == {"le": "+Inf"}
+    assert counts[-1] == 4 == value("expserver_request_duration_seconds",
+                                    "expserver_request_duration_seconds_count")
+    assert 0 < value("expserver_request_duration_seconds",
+                     "expserver_request_duration_seconds_sum") < 1
+    assert families["expserver_connections"].type == "gauge"
+    assert value("expserver_worker_resident_memory_bytes",
+                 "expserver_worker_resident_memory_bytes", worker="0") > 1_000_000
+
+
+def test_dashboard_reads_the_worker_usage_fields(start, tmp_path):
+    served = start(routes=routes(tmp_path))
+    for _ in range(50):
+        request(served, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    f = figures(served)
+    assert type(f["server_cpu_usage_time_msec"]) is int and f["server_cpu_usage_time_msec"] > 0
+    assert f["server_ram_usage_bytes"] == f["workers_ram_usage_bytes"] > 1_000_000
 
 
 def test_figures_add_up_over_workers(start, tmp_path):

@@ -1272,7 +1272,7 @@ def test_memory_bounded_for_a_big_upload_to_a_slow_upstream(proxy, up):
             received[0] += len(data)
         conn.send(response(200, b"stored"))
     served = proxy(up(slow_reader, "slow"), max_body_size=128 * MiB)
-    pid = served.server.pid
+    pid = served.server.worker_pid
     before = rss_kib(pid)
     peak = [before]
     done = threading.Event()
@@ -1312,7 +1312,7 @@ def test_memory_bounded_for_a_huge_reply_to_a_slow_client(proxy, up):
                 if not conn.send(piece):
                     return
     served = proxy(up(serve, "huge"))
-    pid = served.server.pid
+    pid = served.server.worker_pid
     assert get(served, "/warm").body == b"warm"
     before = rss_kib(pid)
     peak = [before]

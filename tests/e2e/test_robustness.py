@@ -408,7 +408,7 @@ def test_client_that_never_reads_costs_bounded_memory(served):
     with open(served.root / "big.bin", "wb") as f:
         f.truncate(size)
     assert request(served, GET_A)[0] == 200            # warm up before measuring
-    pid = served.server.pid
+    pid = served.server.worker_pid
     before = rss_kib(pid)
     hoarder = socket.socket()
     hoarder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -441,7 +441,7 @@ def test_client_that_never_reads_holds_few_file_descriptors(served):
     with the default pipe that is ~1,000 descriptors per such client."""
     with open(served.root / "big.bin", "wb") as f:
         f.truncate(64 * MiB)
-    pid = served.server.pid
+    pid = served.server.worker_pid
     before = open_fds(pid)
     hoarder = socket.socket()
     hoarder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -498,7 +498,7 @@ def test_slow_download_of_a_huge_file_keeps_memory_small(served):
     with open(served.root / "huge.bin", "wb") as f:
         f.truncate(size)                          # sparse: no disk, no page cache
     assert request(served, GET_A)[0] == 200
-    pid = served.server.pid
+    pid = served.server.worker_pid
     before = rss_kib(pid)
     peak = before
     sock = socket.socket()
@@ -533,7 +533,7 @@ def test_idle_server_uses_no_cpu(served):
             assert Reader(s).response()[0] == 200
             socks.append(s)                    # idle keep-alive connections stay open
         time.sleep(0.2)
-        pid = served.server.pid
+        pid = served.server.worker_pid
         t0 = cpu_ticks(pid)
         time.sleep(2.0)
         used = cpu_ticks(pid) - t0

@@ -228,7 +228,7 @@ def test_big_download_to_a_slow_reader_costs_bounded_memory(serve, pki):
     size = 256 << 20
     with open(run.root / "big.bin", "wb") as f:
         f.truncate(size)
-    pid = run.server.pid
+    pid = run.server.worker_pid
     before = rss_kib(pid)
     with tls_connect(run.tls_port, pki.client(), "a.test") as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
