@@ -207,6 +207,8 @@ cdef class AccessLog:
             k = snprintf(num, 48, "%.3f", wall())
             return self.put(num, k)
         if field == F_REQUEST:
+            if r.method is None:        # a request the parser refused: its line as it came
+                return self.put_escaped(r.target or None, False)
             self.put_escaped(r.method, False)
             self.put(" ", 1)
             self.put_escaped(r.target, False)

@@ -67,6 +67,7 @@ import socket
 import ssl
 import time
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport realloc, free
 from libc.string cimport memmove
 from libc.stdint cimport uint32_t
@@ -616,7 +617,11 @@ cdef class Connection(Handle):
                 self.end_task()
                 task.abort()
                 if self.owed:
-                    self.fail(self.parser.error_status or 400)
+                    self.close_after = True
+                    self.rstart = self.rend
+                    self.state = C_CLOSING
+                    self.respond_error(self.current, self.parser.error_status or 400)
+                    self.flush()
                 else:
                     self.close()
                 return 0
@@ -835,7 +840,14 @@ cdef class Connection(Handle):
     cdef int fail(self, int status) except -1:
         """A request we cannot frame: one error response, then a lingering close."""
         cdef Request req = Request.__new__(Request)
-        req.method = b"GET"
+        cdef Py_ssize_t end = self.rstart
+        cdef Py_ssize_t limit = min(self.rend, self.rstart + 2048)
+        while end < limit and self.rbuf[end] != 13 and self.rbuf[end] != 10:
+            end += 1
+        req.method = None               # the access log shows the line as it came
+        req.target = PyBytes_FromStringAndSize(<char *>self.rbuf + self.rstart,
+                                               end - self.rstart) if self.rbuf != NULL else b""
+        req.headers = []
         req.version = 11
         req.keep_alive = False
         self.started = self.loop.now

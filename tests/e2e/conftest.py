@@ -30,6 +30,7 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
         )
         self.stderr = b""
+        self.stdout = b""
 
     def wait_listening(self, port: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -50,10 +51,11 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
+            out, err = self.proc.communicate()
+        self.stdout += out
         self.stderr += err
         return self.proc.returncode
 
@@ -86,10 +88,11 @@ class Server:
 class Served:
     """A server with a config, its port and its document root."""
 
-    def __init__(self, server: Server, port: int, root: Path) -> None:
+    def __init__(self, server: Server, port: int, root: Path, config: Path | None = None) -> None:
         self.server = server
         self.port = port
         self.root = root
+        self.config = config            # the config file (rewrite it, then SIGHUP)
         self.addr = ("127.0.0.1", port)
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
@@ -126,7 +129,7 @@ def start(tmp_path: Path) -> Iterator:
         server = Server(["serve", "-c", str(path)])
         started.append(server)
         server.wait_listening(port)
-        return Served(server, port, root)
+        return Served(server, port, root, path)
 
     yield _start
     for server in started:
