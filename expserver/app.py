@@ -11,8 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 from . import acl, config, metrics, proxy, routing, static
+from .auth import BasicAuth
 from .pages import page
-from .policy import Answer, Check, ResponsePolicy, acl_check, body_limit_check, response_policy
+from .policy import (
+    Answer,
+    Check,
+    Cors,
+    Delayed,
+    LimitConn,
+    RateLimit,
+    ResponsePolicy,
+    acl_check,
+    body_limit_check,
+    request_id_check,
+    response_policy,
+)
 from .redirect import Redirect
 
 # Methods we know (RFC 9110 + PATCH): anything else is 501, as nginx does.
@@ -28,25 +41,44 @@ def error(status: int) -> tuple[int, bytes, bytes]:
 
 
 class Route:
-    """A route's handler behind its policies."""
+    """A route's handler behind its policies: the checks (ACL...), the rate limit, which
+    may make the request wait, the checks after it (limit_conn, CORS preflight, password,
+    body size), then the handler; the response policy on whatever answers."""
 
-    __slots__ = ("handler", "kind", "checks", "policy")
+    __slots__ = ("handler", "kind", "checks", "rate", "after", "policy", "loop")
 
     def __init__(self, handler: routing.Handler, kind: str, checks: list[Check],
-                 policy: ResponsePolicy | None) -> None:
+                 policy: ResponsePolicy | None, rate: RateLimit | None = None,
+                 after: list[Check] | None = None, loop: Any = None) -> None:
         self.handler = handler
         self.kind = kind
         self.checks = checks
+        self.rate = rate
+        self.after = after or []
         self.policy = policy
+        self.loop = loop
 
     @property
     def plain(self) -> bool:
-        return not self.checks and self.policy is None
+        return not self.checks and not self.after and self.rate is None and self.policy is None
 
-    def serve(self, req: Any) -> Answer:
+    def serve(self, req: Any) -> Any:
         if self.policy is not None:
             req.policy = self.policy    # the checks' answers get the policy too
         for check in self.checks:
+            answer = check(req)
+            if answer is not None:
+                return answer
+        if self.rate is not None:
+            answer, delay = self.rate.decide(req)
+            if answer is not None:
+                return answer
+            if delay:
+                return Delayed(self.loop, delay, self.proceed)
+        return self.proceed(req)
+
+    def proceed(self, req: Any) -> Any:
+        for check in self.after:
             answer = check(req)
             if answer is not None:
                 return answer
@@ -71,13 +103,55 @@ class Health:
         return 200, _PLAIN, b"ok\n"
 
 
-class Parts:
-    """What every route of a worker may need: the loop, its core, its metrics handler."""
+class Respond:
+    """A ``respond`` route: a fixed status and body (a maintenance page, a ping)."""
 
-    def __init__(self, loop: Any, core: Any, figures: metrics.Metrics) -> None:
+    __slots__ = ("answer",)
+
+    def __init__(self, route: config.RouteConfig) -> None:
+        ctype = route.content_type.encode("ascii")
+        self.answer = (route.status or 200, b"Content-Type: " + ctype + b"\r\n",
+                       route.body.encode("utf-8"))
+
+    def __call__(self, req: Any) -> Answer:
+        return self.answer
+
+
+class Parts:
+    """What every route of a worker may need: the loop, its core, its metrics handler, and
+    the shared zones of the limits (made by the master: see ``zones``)."""
+
+    def __init__(self, loop: Any, core: Any, figures: metrics.Metrics,
+                 zones: dict[ZoneKey, Any]) -> None:
         self.loop = loop
         self.core = core
         self.figures = figures
+        self.zones = zones
+
+
+# (server index, route index or None for the server's own, "rate" or "conn")
+ZoneKey = tuple[int, int | None, str]
+CONN_KEYS = 10000       # client addresses a limit_conn zone tracks at once
+
+
+def zones(cfg: config.Config) -> dict[ZoneKey, Any]:
+    """The shared zones of every rate_limit and limit_conn. Made before forking, so that
+    all workers count together."""
+    from ._zone import Zone
+    out: dict[ZoneKey, Any] = {}
+    for i, server in enumerate(cfg.servers):
+        layers: list[tuple[int | None, Any]] = [(None, server), *enumerate(server.routes)]
+        for j, layer in layers:
+            if layer.rate_limit is not None:
+                out[(i, j, "rate")] = Zone(layer.rate_limit.size)
+            if layer.limit_conn is not None:
+                out[(i, j, "conn")] = Zone(CONN_KEYS)
+    return out
+
+
+def _layer(route: config.RouteConfig, name: str, where: tuple[int, int], kind: str) -> ZoneKey:
+    """The zone a route's limit counts in: its own, or its server's (shared by its routes)."""
+    return (where[0], where[1] if getattr(route, name) is not None else None, kind)
 
 
 def handler_of(route: config.RouteConfig, parts: Parts) -> Any:
@@ -89,20 +163,47 @@ def handler_of(route: config.RouteConfig, parts: Parts) -> Any:
         return proxy.make_route(route, parts.loop)
     if route.type == "health":
         return Health(parts.core)
+    if route.type == "respond":
+        return Respond(route)
     return parts.figures
 
 
-def build_route(route: config.RouteConfig, server: config.ServerConfig, parts: Parts) -> Route:
+def build_route(route: config.RouteConfig, server: config.ServerConfig, parts: Parts,
+                where: tuple[int, int]) -> Route:
+    handler = handler_of(route, parts)
     checks: list[Check] = []
+    if route.request_id:
+        checks.append(request_id_check())
     rules = [rule for rule in (acl.Acl(server.ip_whitelist, server.ip_blacklist),
                                acl.Acl(route.ip_whitelist, route.ip_blacklist))
              if not rule.empty]
     if rules:
         checks.append(acl_check(rules, error))
+    # each policy: the route's own, else its server's
+    limits = route.rate_limit or server.rate_limit
+    rate = None
+    if limits is not None:
+        zone = parts.zones[_layer(route, "rate_limit", where, "rate")]
+        rate = RateLimit(limits, zone, parts.loop, error)
+    after: list[Check] = []
+    conn_limit = route.limit_conn or server.limit_conn
+    if conn_limit:
+        zone = parts.zones[_layer(route, "limit_conn", where, "conn")]
+        after.append(LimitConn(conn_limit, zone, parts.loop, error))
+    cors_cfg = route.cors or server.cors
+    cors = Cors(cors_cfg) if cors_cfg else None
+    if cors is not None:
+        after.append(cors.check)
+    auth = route.basic_auth or server.basic_auth
+    if auth is not None:
+        after.append(BasicAuth(auth.users_file, auth.realm, error))
+        if route.type == "reverse_proxy" and not auth.forward_authorization:
+            handler.hide = frozenset([b"authorization"])   # the password stays here
     # a reverse_proxy route enforces its own limit while it streams the body
     if route.type != "reverse_proxy" and route.max_body_size:
-        checks.append(body_limit_check(route.max_body_size, error))
-    return Route(handler_of(route, parts), route.type, checks, response_policy(server, route))
+        after.append(body_limit_check(route.max_body_size, error))
+    return Route(handler, route.type, checks, response_policy(server, route, cors), rate,
+                 after, parts.loop)
 
 
 class ToHTTPS:
@@ -131,14 +232,15 @@ class Site:
 
     __slots__ = ("hostnames", "table", "policy", "to_https", "access_log")
 
-    def __init__(self, server: config.ServerConfig, parts: Parts, access_log: Any) -> None:
+    def __init__(self, server: config.ServerConfig, parts: Parts, access_log: Any,
+                 index: int = 0) -> None:
         self.hostnames = server.hostnames
         self.policy = response_policy(server, None)
         self.to_https = ToHTTPS(server) if server.https_redirect else None
         self.access_log = access_log        # an AccessLog, or False: none
         entries: list[tuple[str, tuple[Any, str]]] = []
-        for r in server.routes:
-            route = build_route(r, server, parts)
+        for j, r in enumerate(server.routes):
+            route = build_route(r, server, parts, (index, j))
             entries.append((r.req_path, (route.handler if route.plain else route.serve,
                                          route.kind)))
         # eXpServer's dashboard polls a server without routes at /api
@@ -146,12 +248,14 @@ class Site:
 
 
 def build_sites(cfg: config.Config, loop: Any, core: Any, worker: metrics.WorkerMetrics,
-                access_logs: list[Any] | None = None) -> list[Site]:
+                access_logs: list[Any] | None = None,
+                shared: dict[ZoneKey, Any] | None = None) -> list[Site]:
     """Every server of the config, once per worker (``access_logs``: each server's
-    AccessLog, or False)."""
-    parts = Parts(loop, core, metrics.Metrics(worker, cfg.server_name))
+    AccessLog, or False; ``shared``: the zones the master made, see ``zones``)."""
+    parts = Parts(loop, core, metrics.Metrics(worker, cfg.server_name),
+                  zones(cfg) if shared is None else shared)
     logs = access_logs or [False] * len(cfg.servers)
-    return [Site(server, parts, log) for server, log in zip(cfg.servers, logs)]
+    return [Site(server, parts, log, i) for i, (server, log) in enumerate(zip(cfg.servers, logs))]
 
 
 class App:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import config, log, tls, worker
+from . import app, config, log, tls, worker
 from .logfile import LogFile
 from .metrics import Board
 
@@ -131,6 +131,7 @@ class Generation:
     socks: dict[Address, socket.socket]
     contexts: dict[Address, Any]
     files: dict[str, LogFile]
+    zones: dict[Any, Any]           # the limits' shared counters (expserver/app.py zones)
     workers: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> (slot, start)
 
     @classmethod
@@ -156,7 +157,7 @@ class Generation:
                 if address not in reuse:
                     sock.close()
             raise
-        return cls(cfg, socks, contexts, files)
+        return cls(cfg, socks, contexts, files, app.zones(cfg))
 
 
 class Master:
@@ -195,6 +196,9 @@ class Master:
                 self.spawn(self.board.take())
             return self.serve()
         finally:
+            for s in HANDLED:       # a late signal must not kill the exit in progress
+                if s != signal.SIGCHLD:
+                    signal.signal(s, signal.SIG_IGN)
             self.remove_pid_file()
             for sock in self.current.socks.values():
                 sock.close()
@@ -273,7 +277,7 @@ class Master:
                 if address not in gen.socks:
                     sock.close()
         code = worker.run(gen.cfg, gen.socks, self.board, slot, gen.contexts, gen.files,
-                          self.identity, early)
+                          self.identity, early, gen.zones)
         return code
 
     def signal_workers(self, signum: int, gens: list[Generation] | None = None) -> None:

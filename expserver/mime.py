@@ -3,7 +3,8 @@
 The table is built in on purpose: the stdlib ``mimetypes`` module merges /etc/mime.types and
 the Windows registry, so the same file would get a different Content-Type on another machine.
 Types follow nginx's ``mime.types`` where nginx has an opinion (``.js`` is
-``application/javascript``, ``.xml`` is ``text/xml``) and carry no charset, like nginx's default.
+``.xml`` is ``text/xml``), but ``.js`` is ``text/javascript`` as RFC 9239 says, and carry no
+charset, like nginx's default; a route's ``charset`` adds one to text types (:func:`with_charset`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ TYPES: dict[str, str] = {
     "vtt": "text/vtt",
     "mml": "text/mathml",
     # scripts and data
-    "js": "application/javascript",
-    "mjs": "application/javascript",
+    "js": "text/javascript",       # RFC 9239 (nginx still says application/javascript)
+    "mjs": "text/javascript",
     "map": "application/json",
     "json": "application/json",
     "jsonld": "application/ld+json",
@@ -148,6 +149,19 @@ def guess(path: str) -> str:
     if not ext.isascii():
         return DEFAULT
     return TYPES.get(ext.lower(), DEFAULT)
+
+
+def takes_charset(mime: str) -> bool:
+    """Types whose bytes are text in some charset (nginx's charset_types, and JSON)."""
+    return mime.startswith("text/") or mime in _TEXTUAL or mime.endswith(("+json", "+xml"))
+
+
+_TEXTUAL = frozenset(["application/javascript", "application/json", "application/xml",
+                      "application/xhtml+xml", "application/rss+xml", "application/atom+xml"])
+
+
+def with_charset(mime: str, charset: str | None) -> str:
+    return f"{mime}; charset={charset}" if charset and takes_charset(mime) else mime
 
 
 def is_compressible(mime: str) -> bool:

@@ -60,7 +60,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import quote
 
@@ -155,7 +155,8 @@ class _Target:
     __slots__ = ("compressible", "ctype", "fspath", "parent", "rel", "trailing", "url", "utf8")
 
     def __init__(
-        self, root: bytes, root_slash: bytes, prefix: bytes, rel: bytes, trailing: bool
+        self, root: bytes, root_slash: bytes, prefix: bytes, rel: bytes, trailing: bool,
+        charset: str | None = None,
     ) -> None:
         self.rel = rel
         self.fspath = root_slash + rel if rel else root
@@ -171,7 +172,7 @@ class _Target:
         self.utf8 = url_ok
         # latin-1 never fails; only an ASCII extension can match the table anyway.
         ctype = mime.guess(rel.rpartition(b"/")[2].decode("latin-1")) if rel else mime.DEFAULT
-        self.ctype = ctype.encode("ascii")
+        self.ctype = mime.with_charset(ctype, charset).encode("ascii")
         self.compressible = mime.is_compressible(ctype)
 
 
@@ -333,14 +334,17 @@ class FileServe:
         prefix = route.req_path.rstrip("/").encode("utf-8")
         self._prefix = prefix
         self._prefix_segs = [s for s in prefix.split(b"/") if s]
+        self._charset: str | None = getattr(route, "charset", None)
         self._index = tuple(
             (
                 os.fsencode(name),
-                mime.guess(name).encode("ascii"),
+                mime.with_charset(mime.guess(name), self._charset).encode("ascii"),
                 mime.is_compressible(mime.guess(name)),
             )
             for name in route.index
         )
+        self._listing_type = b"Content-Type: " + mime.with_charset(
+            "text/html", self._charset).encode("ascii") + b"\r\n"
         self._autoindex = bool(route.autoindex)
         self._hide = route.dotfiles != "allow"
         self._gzip = bool(route.gzip_enable)
@@ -351,10 +355,47 @@ class FileServe:
         self._targets: dict[bytes, _Target | Response] = {}
         self._metas: dict[object, _Meta] = {}
         self._parents: dict[bytes, float] = {}
+        # the entry point: the plain one, or wrapped by the route's extras (only then)
+        fallback = getattr(route, "fallback", None)
+        self._fallback = prefix + fallback.encode("utf-8") if fallback else None
+        cache_control = getattr(route, "cache_control", None)
+        self._expires: int | None = getattr(route, "expires", None)
+        self._cache_block = b""
+        if cache_control is not None:
+            self._cache_block = b"Cache-Control: " + cache_control.encode("ascii") + b"\r\n"
+        elif self._expires is not None:
+            self._cache_block = b"Cache-Control: max-age=%d\r\n" % self._expires
+        self._expires_line = (0, b"")
+        self.serve = self._answer if self._fallback is None else self._with_fallback
+        if self._cache_block:
+            self.serve = self._with_cache(self.serve)
 
     # -- request entry point ------------------------------------------------------------------
 
-    def serve(self, req: Request) -> Response:
+    def _with_fallback(self, req: Request) -> Response:
+        answer = self._answer(req)
+        if answer[0] == 404 and req.method in (b"GET", b"HEAD"):
+            return self._answer(req, self._fallback)
+        return answer
+
+    def _with_cache(self, serve: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def cached(req: Request) -> Response:
+            status, headers, body = serve(req)
+            if status in (200, 206, 304):
+                headers += self._cache_block + self._expires_header()
+            return status, headers, body
+        return cached
+
+    def _expires_header(self) -> bytes:
+        if self._expires is None:
+            return b""
+        now = int(time.time())
+        if self._expires_line[0] != now:
+            stamp = httpdate.format(now + self._expires).encode("ascii")
+            self._expires_line = (now, b"Expires: " + stamp + b"\r\n")
+        return self._expires_line[1]
+
+    def _answer(self, req: Request, raw_path: bytes | None = None) -> Response:
         method = req.method
         if method == b"GET":
             head = False
@@ -362,9 +403,10 @@ class FileServe:
             head = True
         else:
             return _E405
-        target = self._targets.get(req.path)
+        raw = req.path if raw_path is None else raw_path
+        target = self._targets.get(raw)
         if target is None:
-            target = self._target(req.path)
+            target = self._target(raw)
         if isinstance(target, tuple):
             return target
         if target.parent is not None and not self._parent_ok(target.parent):
@@ -429,7 +471,8 @@ class FileServe:
         if self._hide and any(s[:1] == b"." for s in rest):
             return _E404
         return _Target(
-            self._root, self._root_slash, self._prefix, b"/".join(rest), raw.endswith(b"/")
+            self._root, self._root_slash, self._prefix, b"/".join(rest), raw.endswith(b"/"),
+            self._charset,
         )
 
     # -- symlink containment ------------------------------------------------------------------
@@ -502,7 +545,7 @@ class FileServe:
         except OSError as e:
             return _open_error(e)
         page = listing.render(target.url + b"/", entries, parent=bool(target.rel))
-        headers = _HTML
+        headers = self._listing_type
         if self._gzip or self._br:
             headers += b"Vary: Accept-Encoding\r\n"
             ae = req.get(b"accept-encoding")

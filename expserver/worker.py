@@ -68,7 +68,7 @@ def access_logs(cfg: config.Config, files: dict[str, LogFile]) -> list[Any]:
 
 def run(cfg: config.Config, socks: dict[Address, socket.socket], board: Board, slot: int,
         contexts: dict[Address, Any], files: dict[str, LogFile],
-        identity: tuple[int, int] | None, early: list[int]) -> int:
+        identity: tuple[int, int] | None, early: list[int], zones: dict[Any, Any]) -> int:
     """Serve until a signal says stop (``early``: signals that came before the loop)."""
     if identity is not None:
         uid, gid = identity
@@ -81,7 +81,7 @@ def run(cfg: config.Config, socks: dict[Address, socket.socket], board: Board, s
     logs = access_logs(cfg, files)
     worker.access_logs = unique = list({id(a): a for a in logs if a is not False}.values())
     worker.start(loop)
-    sites = build_sites(cfg, loop, core, worker, logs)     # once: shared by the listeners
+    sites = build_sites(cfg, loop, core, worker, logs, zones)  # once: shared by listeners
     listeners = []
     for address, sock in socks.items():
         mine = [i for i, s in enumerate(cfg.servers)

@@ -222,7 +222,7 @@ ERRORS: list[tuple[str, object, str]] = [
         one_route(req_path="/", type="metrics", gzip_levle=3),
         'servers[0].routes[0].gzip_levle: unknown key, did you mean "gzip_level"?',
     ),
-    ("unknown-key-far", one_server(color="blue"), "servers[0].color: unknown key"),
+    ("unknown-key-far", one_server(flavour="blue"), "servers[0].flavour: unknown key"),
     ("unknown-key-odd-name", {"servers": SERVERS, "a b": 1}, '$["a b"]: unknown key'),
     ("workers-0", {"servers": SERVERS, "workers": 0}, "workers: must be at least 1, got 0"),
     (
@@ -275,7 +275,7 @@ ERRORS: list[tuple[str, object, str]] = [
         "route-type-unknown",
         one_route(req_path="/", type="fileserve"),
         'servers[0].routes[0].type: must be one of "file_serve", "redirect", "reverse_proxy", '
-        '"metrics", "health", got "fileserve", did you mean "file_serve"?',
+        '"metrics", "health", "respond", got "fileserve", did you mean "file_serve"?',
     ),
     ("route-type-missing", one_route(req_path="/"), "servers[0].routes[0]: type is required"),
     (
@@ -666,11 +666,14 @@ def test_default_serves_one_directory(tmp_path: Path) -> None:
         servers=(
             ServerConfig(
                 listeners=(ListenerConfig("127.0.0.1", 8080),),
-                routes=(RouteConfig(req_path="/", type="file_serve", dir_path=str(tmp_path)),),
+                routes=(RouteConfig(req_path="/", type="file_serve", dir_path=str(tmp_path),
+                                    charset="utf-8"),),
                 access_log=log,
+                charset="utf-8",
             ),
         ),
         access_log=log,
+        charset="utf-8",
     )
     assert cfg.servers[0].routes[0].autoindex
     assert default(str(tmp_path), host="::", port=9000).servers[0].listeners == (
@@ -1269,6 +1272,8 @@ def test_cascading_keys_share_one_default() -> None:
         "upstream_read_timeout",
         "upstream_send_timeout",
         "access_log",
+        "charset",
+        "request_id",
     }
     assert all(len(values) == 1 for values in cascading.values()), cascading
 

@@ -222,7 +222,7 @@ def test_error_page_exact(fs: FileServe) -> None:
 
 @pytest.mark.parametrize(
     ("path", "ctype"),
-    [(b"/img.png", "image/png"), (b"/app.js", "application/javascript"), (b"/docs/", "text/html")],
+    [(b"/img.png", "image/png"), (b"/app.js", "text/javascript"), (b"/docs/", "text/html")],
 )
 def test_content_types(fs: FileServe, path: bytes, ctype: str) -> None:
     assert call(fs, path).headers["Content-Type"] == ctype
@@ -339,7 +339,7 @@ def test_symlink_typed_by_its_own_name(site: Path) -> None:
     assert call(fs, b"/hello.txt").headers["Content-Type"] == "text/plain"
     assert call(fs, b"/link.css", accept_encoding="gzip").headers["Content-Type"] == "text/css"
     a = call(fs, b"/app.js", accept_encoding="gzip")
-    assert a.headers["Content-Type"] == "application/javascript"
+    assert a.headers["Content-Type"] == "text/javascript"
 
 
 def test_listing_hides_outward_symlinks(fs: FileServe) -> None:
@@ -606,7 +606,7 @@ def test_gzip(site: Path) -> None:
     a = call(fs, b"/app.js", accept_encoding="gzip, deflate")
     assert a.status == 200
     assert a.raw_headers == (
-        b"Content-Type: application/javascript\r\n"
+        b"Content-Type: text/javascript\r\n"
         b"Last-Modified: " + T_HTTP.encode() + b"\r\n"
         b'ETag: "' + b"%x-%x" % (T, len(JS)) + b'-gz"\r\n'
         b"Vary: Accept-Encoding\r\n"
@@ -756,7 +756,7 @@ def test_precompressed_sibling(site: Path) -> None:
     a = call(fs, b"/app.js", accept_encoding="gzip")
     assert isinstance(a.raw_body, FileRange)
     assert a.body == pre
-    assert a.headers["Content-Type"] == "application/javascript"
+    assert a.headers["Content-Type"] == "text/javascript"
     assert a.headers["Content-Encoding"] == "gzip"
     assert a.headers["ETag"] == etag(sib, "-gz")
     assert a.headers["Last-Modified"] == httpdate.format(T + 3)

@@ -198,6 +198,40 @@ def plain_path(text: str, path: str, ctx: _Context) -> str:
     return os.path.abspath(os.path.join(ctx.base_dir, text))
 
 
+_RATE = re.compile(r"([0-9]{1,9})r/([sm])")
+
+
+def rate(text: str, path: str, ctx: _Context) -> str:
+    m = _RATE.fullmatch(text)
+    if not m or int(m.group(1)) == 0:
+        raise ConfigError(path, f'must be requests per second or minute ("10r/s", "600r/m"), '
+                                f"got {_show(text)}")
+    return text
+
+
+def rate_milli(text: str) -> int:
+    """"10r/s" -> 10000: thousandths of a request per second, as nginx counts."""
+    m = _RATE.fullmatch(text)
+    assert m is not None
+    n = int(m.group(1)) * 1000
+    return n if m.group(2) == "s" else max(1, n // 60)
+
+
+def limit_key(text: str, path: str, ctx: _Context) -> str:
+    if text == "client_ip":
+        return text
+    if text.startswith("header:") and _TOKEN.fullmatch(text[7:]):
+        return text
+    raise ConfigError(path, f'must be "client_ip" or "header:NAME", got {_show(text)}')
+
+
+def origin(text: str, path: str, ctx: _Context) -> str:
+    if text == "*" or re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", text):
+        return text.lower()
+    raise ConfigError(path, f'must be "*" or an origin such as "https://app.example.test" '
+                            f"(scheme, host, optional port; no path), got {_show(text)}")
+
+
 def env_name(text: str, path: str, ctx: _Context) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
         raise ConfigError(path, f"must be an environment variable name, got {_show(text)}")
@@ -283,3 +317,8 @@ FIELD_NAME = _pattern(field_name, "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$")
 FIELD_VALUE = _pattern(field_value, "^[\\x20-\\x7e\\t]*$")
 ERROR_STATUS = _pattern(error_status, "^[45]([0-9][0-9]|xx)$")
 PAGE_PATH = _pattern(page_path, "^/[^\\x00-\\x20\\x7f?#]*$")
+CHARSET = _pattern(field_name, "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$")
+RATE = _pattern(rate, "^[0-9]{1,9}r/[sm]$")
+LIMIT_KEY = _pattern(limit_key, "^(client_ip|header:[!#$%&'*+\\-.^_`|~0-9A-Za-z]+)$")
+ORIGIN = String(extra=origin)
+METHOD = _pattern(field_name, "^[!#$%&'*+\\-.^_`|~0-9A-Za-z]+$")

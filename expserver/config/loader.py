@@ -86,6 +86,7 @@ def default(dir_path: str, host: str = "127.0.0.1", port: int = 8080) -> Config:
     raw = {
         # as python -m http.server and uvicorn do: one line per request on stdout
         "access_log": {"path": "stdout", "format": "combined"},
+        "charset": "utf-8",         # UTF-8 names and files read right in a browser
         "servers": [
             {
                 "listeners": [{"host": host, "port": port}],

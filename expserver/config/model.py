@@ -33,16 +33,19 @@ from .specs import (
     _show,
 )
 
-ROUTE_TYPES = ("file_serve", "redirect", "reverse_proxy", "metrics", "health")
+ROUTE_TYPES = ("file_serve", "redirect", "reverse_proxy", "metrics", "health", "respond")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Keys a route of a given type cannot do without (eXpServer has the same rules).
 REQUIRED_BY_TYPE: dict[str, tuple[str, ...]] = {
     "file_serve": ("dir_path",),
     "redirect": ("redirect_url",),
     "reverse_proxy": ("upstreams",),
+    "respond": ("status",),
 }
 LB_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
 PROXY = ("reverse_proxy",)
+FILES = ("file_serve",)
+RESPOND = ("respond",)
 declare = key   # for classes with a field named "key" (TLSConfig)
 
 
@@ -120,6 +123,17 @@ class ConnectionLimits:
 class RequestLimits:
     """Keys of a request: the top level, servers and routes."""
 
+    charset: str | None = key(
+        None, spec=checks.CHARSET, cascade=True,
+        default_doc="none (`expserver serve DIR`: utf-8)",
+        doc='Adds "; charset=..." to the Content-Type of text files and listings ("utf-8"); '
+            "unset, text types carry no charset, as eXpServer and nginx send them.")
+    request_id: bool = key(
+        False, spec=Boolean(), cascade=True,
+        doc="Give every request an X-Request-ID: the client's when it sends a valid one "
+            "(1 to 200 of A-Z a-z 0-9 - _ . : ; =), else a new random one; sent upstream by "
+            "reverse_proxy routes and logged as $request_id.")
+
     max_body_size: int = key(
         1048576, spec=Integer(0), cascade=True, type_defaults={"reverse_proxy": 0},
         default_doc="`1048576`; `0` on reverse_proxy routes",
@@ -167,9 +181,88 @@ class HeadersConfig:
             "proxy_hide_header, for every route type).")
 
 
+@dataclass(frozen=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = key(
+        spec=OneOrMany(checks.ORIGIN),
+        doc='Origins allowed to read the answers ("https://app.example.test"), or "*" for '
+            "any (then never with credentials).")
+    allow_methods: tuple[str, ...] = key(
+        ("GET", "HEAD", "POST"), spec=Array(checks.METHOD),
+        doc="Methods a preflight admits (Access-Control-Allow-Methods).")
+    allow_headers: tuple[str, ...] = key(
+        (), spec=Array(checks.METHOD),
+        doc='Request fields a preflight admits; ["*"] admits whatever it asks for.')
+    expose_headers: tuple[str, ...] = key(
+        (), spec=Array(checks.METHOD),
+        doc="Response fields scripts may read (Access-Control-Expose-Headers).")
+    allow_credentials: bool = key(
+        False, spec=Boolean(),
+        doc="Let requests with cookies or HTTP authentication read the answers "
+            "(Access-Control-Allow-Credentials).")
+    max_age: int = key(600, spec=Integer(0, INT32_MAX),
+                       doc="Seconds a browser may keep a preflight's answer.")
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    users_file: str = key(
+        spec=checks.FILE_PATH,
+        doc="htpasswd file of user:hash lines with bcrypt hashes (`htpasswd -B`); older "
+            "hash kinds ({SHA}, $apr1$, crypt) are refused: they fall to a laptop's GPU.")
+    realm: str = key("Restricted", spec=checks.HEADER_VALUE,
+                     doc="Shown by browsers in the password prompt.")
+    forward_authorization: bool = key(
+        False, spec=Boolean(),
+        doc="reverse_proxy: also send the client's Authorization field upstream (by default "
+            "it stays here: the password is this server's business).")
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    rate: str = key(spec=checks.RATE,
+                    doc='Requests per second or minute per key: "10r/s", "600r/m".')
+    burst: int = key(
+        0, spec=Integer(0, INT32_MAX),
+        doc="Requests over the rate a key may have queued; beyond them: 429 with "
+            "Retry-After (nginx's burst).")
+    key: str = key('client_ip', spec=checks.LIMIT_KEY,
+                   doc='What is limited: "client_ip", or "header:NAME" (an API key); a '
+                       "request without the field is not limited.")
+    nodelay: bool = declare(
+        False, spec=Boolean(),
+        doc="Answer requests within the burst at once instead of spacing them at the rate "
+            "(requests with a body are never held).")
+    size: int = declare(
+        10000, spec=Integer(16, 10_000_000),
+        doc="Keys tracked at once (about 24 bytes each, in memory shared by the workers); "
+            "the one seen longest ago makes room for a new one.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policies:
     """Keys of servers and routes; a route's are merged over its server's."""
+
+    cors: CorsConfig | None = key(
+        None, spec=Nullable(Nested(Table("cors", CorsConfig, ()))),
+        doc="Cross-origin requests: preflights (OPTIONS with Access-Control-Request-Method) "
+            "are answered here, before any password is asked; other answers get the CORS "
+            "fields for allowed origins, and Vary: Origin where they depend on it. A route's "
+            "replaces its server's.")
+    basic_auth: BasicAuthConfig | None = key(
+        None, spec=Nullable(Nested(Table("basic_auth", BasicAuthConfig, ()))),
+        doc="HTTP Basic authentication: 401 with WWW-Authenticate until a user of the file "
+            "gives its password. Verified credentials are remembered for a while (bcrypt per "
+            "request would cost milliseconds of CPU). A route's replaces its server's.")
+    rate_limit: RateLimitConfig | None = key(
+        None, spec=Nullable(Nested(Table("rate_limit", RateLimitConfig, ()))),
+        doc="nginx's leaky bucket per key, counted across all workers: over the rate and "
+            "the burst, 429 with Retry-After. A server's counts all its routes together; a "
+            "route's replaces it.")
+    limit_conn: int | None = key(
+        None, spec=Integer(1, INT32_MAX),
+        doc="Requests one client address may have in flight at once, across all workers; "
+            "more get 429 with Retry-After (nginx's limit_conn).")
 
     headers: HeadersConfig | None = key(
         None, spec=Nullable(Nested(Table("headers", HeadersConfig, ()))),
@@ -367,6 +460,27 @@ class RouteConfig(RequestLimits, Policies):
             "connections work over TLS as over plain TCP.")
     http_status_code: int = key(302, spec=Integer(choices=REDIRECT_CODES), ours=False,
                                 doc="redirect: status code of the redirect.")
+    status: int | None = key(
+        None, spec=Integer(200, 599), only=RESPOND,
+        doc="respond: the status of the fixed answer (required), e.g. 503 for a maintenance "
+            "page or 204 for a ping.")
+    body: str = key("", spec=String(), only=RESPOND,
+                    doc="respond: the answer's body (UTF-8 text).")
+    content_type: str = key("text/plain; charset=utf-8", spec=checks.HEADER_VALUE,
+                            only=RESPOND, doc="respond: the answer's Content-Type.")
+    cache_control: str | None = key(
+        None, spec=checks.HEADER_VALUE, only=FILES,
+        doc='file_serve: Cache-Control of files (200, 206 and 304), e.g. "public, '
+            'max-age=31536000, immutable".')
+    expires: int | None = key(
+        None, spec=Integer(0, INT32_MAX), only=FILES,
+        doc="file_serve: seconds from now a file stays fresh: Expires and, unless "
+            "cache_control is set, Cache-Control: max-age (nginx's expires).")
+    fallback: str | None = key(
+        None, spec=checks.PAGE_PATH, only=FILES,
+        doc='file_serve: the file answered (200) for a path that names no file, for '
+            'single-page apps ("/index.html"): a path under the route\'s own directory '
+            "(nginx's try_files $uri /index.html).")
     redirect_url: str | None = key(None, spec=checks.URL, ours=False,
                                    doc="redirect: URL sent in the Location header (required).")
     ip_whitelist: tuple[str, ...] = _acl(
@@ -564,6 +678,10 @@ def _finish_route(values: dict[str, Any], path: str) -> None:
             raise ConfigError(_join(path, "dir_path"), reason)
         if not os.path.isdir(directory):
             raise ConfigError(_join(path, "dir_path"), f"{_show(directory)} is not a directory")
+    if kind == "file_serve" and values.get("fallback"):
+        file = os.path.join(values["dir_path"], values["fallback"].lstrip("/"))
+        if not os.path.isfile(file):
+            raise ConfigError(_join(path, "fallback"), f"file {_show(file)} does not exist")
 
 
 def _finish_server(values: dict[str, Any], path: str) -> None:
@@ -631,11 +749,33 @@ ROOT = Table.of(
     'eXpServer meaning, plus keys of our own (marked "Not an eXpServer key"). The same '
     "document may be written as TOML.", finish=_finish_root)
 
+def _finish_basic_auth(values: dict[str, Any], path: str) -> None:
+    from ..auth import read_users  # the rule the server uses to read the file
+    try:
+        read_users(values["users_file"])
+    except ValueError as e:
+        raise ConfigError(_join(path, "users_file"), str(e)) from None
+
+
+def _finish_cors(values: dict[str, Any], path: str) -> None:
+    if values.get("allow_credentials") and "*" in values["allow_origins"]:
+        raise ConfigError(_join(path, "allow_credentials"),
+                          'credentials cannot be allowed to "*": name the origins')
+    if "*" in values["allow_origins"] and len(values["allow_origins"]) > 1:
+        raise ConfigError(_join(path, "allow_origins"), '"*" must be alone')
+
+
+CORS = Table.of("cors", CorsConfig, "Which other origins may call this server from a browser.",
+                finish=_finish_cors)
+BASIC_AUTH = Table.of("basic_auth", BasicAuthConfig, "HTTP Basic authentication.",
+                      finish=_finish_basic_auth)
+RATE_LIMIT = Table.of("rate_limit", RateLimitConfig, "A request rate limit (leaky bucket).")
 HEADERS = Table.of("headers", HeadersConfig,
                    "Rules that set, add and remove fields of responses.")
 
 TABLES: tuple[Table[Any], ...] = (ROOT, SERVER, LISTENER, TLS, ROUTE, UPSTREAM, UPSTREAM_TLS,
-                                  HEALTH_CHECK, HEADERS, ACCESS_LOG, ERROR_LOG)
+                                  HEALTH_CHECK, HEADERS, ACCESS_LOG, ERROR_LOG, CORS, BASIC_AUTH,
+                                  RATE_LIMIT)
 ALL_TABLES.extend(TABLES)
 # The tables the Nested specs above were declared with (before these existed) are stand-ins
 # holding the name and class; point them at the real ones.

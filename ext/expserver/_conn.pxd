@@ -118,6 +118,7 @@ cdef class Connection(Handle):
     cdef int respond(self, Request req, int status, bytes headers, object body) except -1
     cdef int push_head(self, Request req, bytes head, int status) except -1
     cdef int end_record(self) except -1
+    cdef int finished(self, Request req) except -1
     cpdef note_upstream(self, bytes address, double seconds)
     cdef int count(self, int status) except -1
     cdef void close_file(self, FileRange fr)

@@ -343,6 +343,17 @@ cdef class Later(Deferred):
     def answered(self):
         return self.conn is None
 
+    def hand_over(self, Deferred other):
+        """Let ``other`` (a handler's deferred answer, such as the proxy's exchange) answer
+        instead, as if the handler had returned it; False if the client has gone."""
+        cdef Connection conn = self.conn
+        if conn is None:
+            return False
+        self.conn = None
+        conn.task = other
+        other.start(conn, self.req)
+        return True
+
     def respond(self, int status, bytes headers, body=None):
         """Send the answer (framed by the connection, as a handler's tuple is); False if the
         client has gone or an answer was already given."""
@@ -779,6 +790,18 @@ cdef class Connection(Handle):
         else:
             self.out.push_source(body, req.version == 11)
         self.end_record()
+        if req.done is not None:
+            self.finished(req)
+        return 0
+
+    cdef int finished(self, Request req) except -1:
+        """``req``'s answer is complete, or will never be (its hook, once)."""
+        hook, req.done = req.done, None
+        if hook is not None:
+            try:
+                hook()
+            except Exception as exc:
+                log.exception(f"the end of the {self.describe()}", exc)
         return 0
 
     cdef int push_head(self, Request req, bytes head, int status) except -1:
@@ -875,6 +898,8 @@ cdef class Connection(Handle):
         """The deferred answer is complete (``reusable``: the connection may go on)."""
         self.end_task()
         self.end_record()
+        if self.current is not None and self.current.done is not None:
+            self.finished(self.current)
         self.head_deadline = self.loop.now + self.settings.header_timeout
         if not reusable:
             self.close_after = True
@@ -1029,6 +1054,8 @@ cdef class Connection(Handle):
             self.tls_sock = None
         close(self.fd)
         self.out.clear()                # logs the records it still held
+        if self.current is not None and self.current.done is not None:
+            self.finished(self.current)
         if self.record is not None:
             record, self.record = self.record, None
             self.out.reach(record)      # an answer cut short: what went out of it

@@ -38,6 +38,7 @@ cdef class Request:
     cdef public object body          # filled by RequestParser (tests/embedding) only
     cdef public str peer             # client address, set by the connection
     cdef public bytes request_id     # X-Request-ID as sent upstream and logged, or None
+    cdef public object done          # called once when its answer is complete or cut (limit_conn)
     cdef public object access_log    # its site's AccessLog, False for none, None: the listener's
     cdef public bint secure          # it came over TLS
     cdef public object policy        # the route's response policy (expserver.policy), or None

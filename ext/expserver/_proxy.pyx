@@ -361,6 +361,7 @@ cdef class ProxyRoute:
     cdef dict pools                    # peer -> PeerPool
     cdef dict addrs                    # peer -> (family, sockaddr)
     cdef public object tls_context     # for https:// peers (an ssl.SSLContext)
+    cdef public frozenset hide         # request fields not sent upstream (None: none)
     cdef public dict tls_names         # https:// peer -> the name for SNI and the check
 
     def __init__(self, loop, balancer, addrs, *, connect_timeout=60.0, read_timeout=60.0,
@@ -382,6 +383,7 @@ cdef class ProxyRoute:
         self.body_timeout = body_timeout
         self.tls_context = None
         self.tls_names = {}
+        self.hide = None
 
     def __call__(self, Request req):
         cdef Exchange ex = Exchange.__new__(Exchange)
@@ -783,6 +785,13 @@ cdef class Exchange(Deferred):
                 host = value
         if authority is not None:
             host = authority
+        if self.route.hide is not None or req.request_id is not None:
+            # fields the route keeps from the upstream (Authorization behind basic_auth), and
+            # the client's X-Request-ID when ours replaces it
+            extra = set(self.route.hide or ())
+            if req.request_id is not None:
+                extra.add(b"x-request-id")
+            named = extra if named is None else named | extra
         # Upgrade is hop-by-hop: it is passed on only as the client's explicit request
         self.upgrade = self.upgrade and upgrade is not None and req.version == 11
         if mode is None and host is not None:
@@ -829,6 +838,10 @@ cdef class Exchange(Deferred):
         if host is not None:
             put_c(w, b"X-Forwarded-Host: ", 18)
             put(w, host)
+            put_c(w, b"\r\n", 2)
+        if req.request_id is not None:
+            put_c(w, b"X-Request-ID: ", 14)
+            put(w, req.request_id)
             put_c(w, b"\r\n", 2)
         if req.chunked:
             put(w, TE_CHUNKED)

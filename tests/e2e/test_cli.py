@@ -151,7 +151,7 @@ def test_serve_directory_without_config(procs, www, cmd):
     assert get(port, "/a.txt")[::2] == (200, HELLO)
     assert get(port, "/sub/b.txt")[::2] == (200, b"b\n")
     status, headers, body = get(port, "/")
-    assert status == 200 and headers["content-type"] == "text/html"
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"  # no config: utf-8
     assert b"<table" in body
     assert b'href="/a.txt"' in body and b'href="/sub/"' in body
     assert p.stop() == 0

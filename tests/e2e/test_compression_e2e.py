@@ -214,13 +214,13 @@ def test_precompressed_sibling_served_as_is(start, tmp_path):
     status, headers, body = get(served, "/app.js", "Accept-Encoding: gzip")
     assert (status, body) == (200, pre_gz)
     assert headers["content-encoding"] == "gzip"
-    assert headers["content-type"] == "application/javascript"
+    assert headers["content-type"] == "text/javascript"
     assert headers["vary"] == "Accept-Encoding"
     assert headers["content-length"] == str(len(pre_gz))
     status, headers, body = get(served, "/app.js", "Accept-Encoding: br")
     assert (status, body) == (200, pre_br)
     assert headers["content-encoding"] == "br"
-    assert headers["content-type"] == "application/javascript"
+    assert headers["content-type"] == "text/javascript"
     # no Accept-Encoding: the original
     status, headers, body = get(served, "/app.js")
     assert (status, body) == (200, js)
