@@ -23,19 +23,19 @@ from typing import Any
 from . import log
 from ._conn import DURATION_BUCKETS, Stats
 
+# Requests are counted per route type (the dashboard shows three of them).
+ROUTE_KINDS = ("file_serve", "reverse_proxy", "redirect", "metrics", "health", "respond")
 # What each worker publishes, in slot order (all integers). Gauges first, then counters.
 GAUGES = ("pid", "rss_bytes", "cpu_percent", "conn_current")
 FIELDS = GAUGES + (
     "conn_accepted", "conn_error", "conn_timeout", "conn_accepted_error",
-    "req_total", "req_file_serve", "req_reverse_proxy", "req_redirect", "req_metrics",
-    "req_health", "res_1xx", "res_2xx", "res_3xx", "res_4xx", "res_5xx",
+    "req_total", *(f"req_{kind}" for kind in ROUTE_KINDS),
+    "res_1xx", "res_2xx", "res_3xx", "res_4xx", "res_5xx",
     "res_time_total_usec", "res_time_peak_usec", "send_bytes", "recv_bytes", "cpu_time_msec",
     "log_dropped", *(f"hist_{i}" for i in range(len(DURATION_BUCKETS) + 1)),
 )
 _SLOT = struct.Struct(f"<{len(FIELDS)}q")
 _HEAD = struct.Struct("<qqq")      # workers of the current generation, master pid, start (ms)
-# Requests are counted per route type (the dashboard shows three of them).
-ROUTE_KINDS = ("file_serve", "reverse_proxy", "redirect", "metrics", "health")
 PUBLISH_EVERY = 0.5
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 MAX_SLOTS = 2 * 1024 + 1           # every worker of two generations (a reload), at most
@@ -126,8 +126,8 @@ class WorkerMetrics:
         self.board.write(self.slot, (
             os.getpid(), rss, cpu, s.conn_current,
             s.conn_accepted, s.conn_error, s.conn_timeout, s.conn_accepted_error, s.req_total,
-            kinds["file_serve"], kinds["reverse_proxy"], kinds["redirect"], kinds["metrics"],
-            kinds["health"], s.res_1xx, s.res_2xx, s.res_3xx, s.res_4xx, s.res_5xx,
+            *(kinds[kind] for kind in ROUTE_KINDS),
+            s.res_1xx, s.res_2xx, s.res_3xx, s.res_4xx, s.res_5xx,
             int(s.res_time_total * 1e6), int(s.res_time_peak * 1e6), s.send_bytes, s.recv_bytes,
             int(used * 1000), sum(a.dropped for a in self.access_logs), *s.histogram(),
         ))

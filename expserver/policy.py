@@ -265,9 +265,10 @@ class Cors:
     def apply(self, req: Any, block: bytes) -> bytes:
         origin = req.get(b"origin")
         vary = b"" if self.any and not self.credentials else _VARY_ORIGIN
+        block = without(block, _CORS_FIELDS)    # this route's CORS is ours, not upstream's
         if not self.allowed(origin):
             return block + vary
-        return without(block, _CORS_FIELDS) + self.fields(origin) + vary
+        return block + self.fields(origin) + vary
 
 
 # --- limits --------------------------------------------------------------------------------------
