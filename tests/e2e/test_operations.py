@@ -317,3 +317,38 @@ def test_the_health_route_says_503_once_a_drain_begins(start):
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         status, headers, body = reader.response()
         assert (status, body, headers["connection"]) == (503, b"draining\n", "close")
+
+
+def test_control_commands_find_the_master_through_the_pid_file(start, tmp_path):
+    pid_file = tmp_path / "x.pid"
+    served = start(pid_file=str(pid_file))
+    assert wait_for(pid_file.exists)
+    assert int(pid_file.read_text()) == served.server.pid
+    import subprocess
+    old = served.server.worker_pid
+    out = subprocess.run([sys.executable, "-m", "expserver", "reload", "-c", str(served.config)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and f"sent SIGHUP to {served.server.pid}" in out.stdout
+    assert wait_for(lambda: old not in served.server.worker_pids(1), timeout=10)
+    out = subprocess.run([sys.executable, "-m", "expserver", "quit", "-c", str(served.config)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0
+    assert served.server.proc.wait(timeout=10) == 0
+    assert not pid_file.exists()            # removed at exit
+    out = subprocess.run([sys.executable, "-m", "expserver", "stop", "-c", str(served.config)],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1 and "cannot read the pid file" in out.stderr
+
+
+def test_metrics_stay_continuous_across_a_reload(start):
+    served = start(routes=[{"req_path": "/m", "type": "metrics"}])
+
+    def total() -> int:
+        return json.loads(get(served, "/m")[2])["req_total"]
+    for _ in range(10):
+        get(served, "/m")
+    before = total()
+    old = served.server.worker_pid
+    os.kill(served.server.pid, signal.SIGHUP)
+    assert wait_for(lambda: old not in served.server.worker_pids(1), timeout=10)
+    assert total() >= before + 1

@@ -288,6 +288,39 @@ def test_https_redirect_and_hsts(serve, pki):
         assert headers["strict-transport-security"] == "max-age=31536000"
 
 
+def test_hup_picks_up_new_certificate_files_without_dropping_a_connection(serve, pki):
+    run = serve()
+    size = 16 << 20
+    (run.root / "big.bin").write_bytes(b"b" * size)
+    ctx = pki.client()
+    kept = tls_connect(run.tls_port, ctx, "a.test")
+    before = kept.getpeercert()["serialNumber"]
+    kept.sendall(b"GET /big.bin HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    got = len(kept.recv(65536))                 # a download in flight across the reload
+    cert, key = pki.files["a.test"]
+    fresh = pki.ca.issue_cert("a.test")                     # same name, a new certificate
+    fresh.cert_chain_pems[0].write_to_path(cert)
+    fresh.private_key_pem.write_to_path(key)
+    import os
+    import signal as sig
+    os.kill(run.server.pid, sig.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with tls_connect(run.tls_port, ctx, "a.test") as sock:
+            if sock.getpeercert()["serialNumber"] != before:
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the new certificate was not served")
+    while got < size:                           # ... finishes on the old certificate
+        data = kept.recv(1 << 20)
+        if not data:
+            break
+        got += len(data)
+    kept.close()
+    assert got > size
+
+
 # --------------------------------------------------------------------------- upstreams
 
 
