@@ -2,7 +2,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["_loop", "_access", "_pipe", "_http", "_conn", "_proxy", "_zone"]
+MODULES = ["_loop", "_access", "_pipe", "_http", "_conn", "_relay", "_proxy", "_zone"]
 
 extensions = [
     Extension(f"expserver.{name}", [f"ext/expserver/{name}.pyx"], extra_compile_args=["-O2"])

@@ -57,6 +57,7 @@ class Scenario:
     # Which nginx server answers: "nginx" (plain), "nginx_gzip" (gzip on, compresses every
     # response) or "nginx_gzip_static" (gzip_static on: sends the precompressed .gz file).
     nginx_server: str = "nginx"
+    headers: list[str] = field(default_factory=list)     # extra request fields for wrk
 
 
 @dataclass
@@ -248,6 +249,8 @@ def run_wrk(server: str, port: int, sc: Scenario, duration: int,
     argv = ["wrk", "-t1", f"-c{sc.connections}", f"-d{duration}s", "--latency", "--timeout", "10s"]
     if sc.gzip:
         argv += ["-H", "Accept-Encoding: gzip"]
+    for line in sc.headers:
+        argv += ["-H", line]
     argv.append(f"http://127.0.0.1:{port}{sc.path}")
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,

@@ -13,6 +13,12 @@ port per variant, configured alike:
     access_log    an access log on disk  expserver "access_log": {"path": F, "format":
                                          "combined"}; nginx access_log F combined
                                          buffer=64k flush=1s (the same batching)
+    basic_auth    a bcrypt password      the same htpasswd file (one user, bcrypt cost 10);
+                                         nginx auth_basic + auth_basic_user_file; wrk sends
+                                         the right Authorization on every request
+    rate_limit    a rate limit that      expserver "rate_limit": {"rate": "1000000r/s",
+                  never refuses          "burst": 1000}; nginx limit_req_zone ... rate=
+                                         1000000r/s + limit_req burst=1000 nodelay
 
 For each variant `wrk -t1 -c C -d S --latency --timeout 10s` runs against expserver, nginx,
 expserver, nginx (--rounds each) and the best round of each is kept; the report gives the
@@ -25,6 +31,8 @@ compare_nginx.py. Nothing here is a pass/fail test.
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
 import json
 import sys
 import tempfile
@@ -36,9 +44,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h  # noqa: E402
-from compare_nginx import Scenario, WrkRun, cpu_busy, fetch, run_wrk  # noqa: E402
+import bcrypt  # noqa: E402
+from compare_nginx import Scenario, WrkRun, cpu_busy, run_wrk  # noqa: E402
 
 BODY = bytes(range(256)) * 4
+
+
+def fetch_with_auth(port: int) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/1k.bin", headers={"Authorization": AUTH.split(b": ", 1)[1].decode()})
+    resp = conn.getresponse()
+    return resp.status, resp.read()
 
 
 @dataclass
@@ -48,7 +64,12 @@ class Variant:
     nginx: str                      # directives added to the nginx server block
 
 
+AUTH = b"Authorization: Basic " + base64.b64encode(b"bench:secret")
+
+
 def variants(work: Path) -> list[Variant]:
+    users = work / "htpasswd"
+    users.write_bytes(b"bench:" + bcrypt.hashpw(b"secret", bcrypt.gensalt(10)) + b"\n")
     return [
         Variant("open", {}, ""),
         Variant("headers", {"headers": {"add": {"X-A": "one", "X-B": "two"}}},
@@ -56,6 +77,11 @@ def variants(work: Path) -> list[Variant]:
         Variant("access_log",
                 {"access_log": {"path": str(work / "exp-access.log"), "format": "combined"}},
                 f"access_log {work / 'nginx-access.log'} combined buffer=64k flush=1s;"),
+        Variant("basic_auth", {"basic_auth": {"users_file": str(users)}},
+                f'auth_basic "bench"; auth_basic_user_file {users};'),
+        Variant("rate_limit", {"rate_limit": {"rate": "1000000r/s", "burst": 1000,
+                                              "nodelay": True}},
+                "limit_req zone=bench burst=1000 nodelay;"),
     ]
 
 
@@ -82,6 +108,7 @@ events {{ worker_connections 4096; }}
 http {{
     default_type application/octet-stream;
     access_log off;
+    limit_req_zone $binary_remote_addr zone=bench:10m rate=1000000r/s;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
@@ -120,13 +147,13 @@ def main() -> int:
         nginx.wait_ready(list(ngx_ports.values()))
         for v in chosen:
             for port in (exp_ports[v.name], ngx_ports[v.name]):
-                status, _, body = fetch(port, "/1k.bin", False)
+                status, body = fetch_with_auth(port)
                 if status != 200 or body != BODY:
                     sys.exit(f"{v.name}: port {port} answered {status}, not the file")
         print(f"CPU busy before the run: {cpu_busy():.0%}", file=sys.stderr)
         best: dict[str, dict[str, WrkRun]] = {}
         for v in chosen:
-            sc = Scenario(v.name, "/1k.bin", args.connections)
+            sc = Scenario(v.name, "/1k.bin", args.connections, headers=[AUTH.decode()])
             print(f"{v.name}:", file=sys.stderr)
             for _ in range(args.rounds):
                 for who, port in (("expserver", exp_ports[v.name]), ("nginx", ngx_ports[v.name])):

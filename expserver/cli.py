@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from . import __version__, config
 
-EXTENSIONS = ("_loop", "_access", "_pipe", "_http", "_conn", "_proxy", "_zone")
+EXTENSIONS = ("_loop", "_access", "_pipe", "_http", "_conn", "_relay", "_proxy", "_zone")
 # The signal each control command sends to the master (nginx -s's set).
 CONTROL = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "quit": signal.SIGQUIT,
            "reopen": signal.SIGUSR1}
