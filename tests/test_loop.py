@@ -6,6 +6,7 @@ cancellation leaving the heap, faults of callbacks logged while the loop goes on
 acted on by the loop, and the deadlines of real connections moving later and earlier in the
 same heap (the rig of tests/rig.py), with no event spent on an idle connection.
 """
+import gc
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from expserver._loop import Loop
-from tests.rig import Rig
+from tests.rig import Rig, open_fds
 
 
 def test_timers_fire_in_deadline_order_then_stop():
@@ -338,6 +339,39 @@ def test_a_raising_reader_callback_is_logged_and_the_loop_goes_on(capsys):
     assert calls == [b"a", b"b"]               # still watched after its fault
     err = capsys.readouterr().err
     assert err.count("[error]") == 2 and "reader callback" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ a loop that is dropped
+def live_loops() -> int:
+    gc.collect()
+    return sum(type(o) is Loop for o in gc.get_objects())
+
+
+def test_a_loop_dropped_with_deadlines_pending_is_freed_with_its_epoll_descriptor():
+    """The timer heap's references are the GC's to see: a loop (its timers, its connections)
+    dropped while deadlines are pending is collected, not kept for good."""
+    loops, before = live_loops(), open_fds()
+    loop = frozen_loop()
+    loop.call_later(10.0, lambda: None)
+    loop.call_later(20.0, lambda: None).cancel()
+    assert loop.timer_count == 1
+    del loop
+    assert live_loops() == loops
+    assert open_fds() == before
+
+
+def test_a_rig_dropped_with_an_idle_connection_is_freed_with_its_descriptors():
+    loops, before = live_loops(), open_fds()
+    rig = Rig(lambda req: (200, b"", b"ok"))
+    client, conn = rig.connect()
+    client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.take()
+    assert conn.in_heap                 # its keep-alive deadline
+    rig.close()
+    rig.loop.call_later(5.0, lambda: None)
+    del rig, client, conn
+    assert live_loops() == loops
+    assert open_fds() == before
 
 
 # ------------------------------------------------------ deadlines of real handles (the rig)

@@ -11,13 +11,14 @@ cdef class Handle
 cdef struct TimerEntry:
     double key                   # <= the handle's deadline
     unsigned long long seq       # arming order: equal keys fire first-in first-out
-    PyObject *handle             # an owned reference
+    PyObject *handle             # borrowed: ``Loop.timed`` holds the reference
 
 cdef class Loop:
     cdef int epfd
     cdef bint running
     cdef dict handles            # fd -> Handle: keeps registered handles alive
     cdef TimerEntry *heap        # binary min-heap by (key, seq)
+    cdef set timed               # the handles in the heap, owned where the GC can see them
     cdef Py_ssize_t nheap, heapcap
     cdef unsigned long long seq
     cdef public double now       # monotonic time of the current iteration

@@ -10,13 +10,15 @@ Theory of operation
   never points at freed memory.
 * Level-triggered: a handle that stops wanting input (its output pipe is full) drops
   EPOLLIN from its interest; it is never left readable-but-ignored, which would spin.
-* Timers: an intrusive binary heap of Handles (a C array of owned references; each handle
-  knows its ``heap_index``), so a handle is in the heap at most once and leaves it the moment
-  its deadline is cancelled: a closed connection leaves nothing behind, whatever its deadline
-  was. Invariant: a handle's entry has ``key <= deadline``. Moving a deadline later
-  (every keep-alive request does) is a field write; when the stale key comes due the handle
-  is re-keyed at its real deadline (one sift-down). An earlier deadline sifts up; cancelling
-  (deadline 0) removes the entry. So arming, re-arming and cancelling are O(1) or O(log n),
+* Timers: an intrusive binary heap of Handles (a C array; each handle knows its
+  ``heap_index``), so a handle is in the heap at most once and leaves it the moment its
+  deadline is cancelled: a closed connection leaves nothing behind, whatever its deadline
+  was. The set ``timed`` holds the references, not the C array, so that the cycle collector
+  sees them: a loop dropped with deadlines pending is freed like any other. Invariant: a
+  handle's entry has ``key <= deadline``. Moving a deadline later (every keep-alive request
+  does) is a field write; when the stale key comes due the handle is re-keyed at its real
+  deadline (one sift-down). An earlier deadline sifts up; cancelling (deadline 0) removes
+  the entry. So arming, re-arming and cancelling are O(1) or O(log n),
   and nothing ever scans all connections. Equal deadlines fire in arming order.
 * Signals: Python's ``signal.set_wakeup_fd`` writes to a pipe the loop watches; the Python
   handlers run by ``PyErr_CheckSignals`` after ``epoll_wait`` only append the signal number
@@ -33,7 +35,6 @@ import signal
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.stdlib cimport malloc, realloc, free
 from expserver._sys cimport *
 
@@ -198,6 +199,7 @@ cdef class Loop:
         self.heapcap = HEAP_MIN
         self.nheap = 0
         self.handles = {}
+        self.timed = set()
         self.ready = []
         self.graveyard = []
         self.signals = []
@@ -213,9 +215,11 @@ cdef class Loop:
             close(self.epfd)
         free(self.evbuf)
         if self.heap != NULL:
-            for j in range(self.nheap):
-                (<Handle>self.heap[j].handle).heap_index = -1
-                Py_DECREF(<object>self.heap[j].handle)
+            if self.timed is not None:
+                # freed by its last reference: the handles still in the heap outlive it
+                # (after the cycle collector's clear, ``timed`` is gone and so may they be)
+                for j in range(self.nheap):
+                    (<Handle>self.heap[j].handle).heap_index = -1
             free(self.heap)
         for k in range(2):
             for i in range(self.nspares[k]):
@@ -260,7 +264,7 @@ cdef class Loop:
                 raise MemoryError()
             self.heap = grown
             self.heapcap *= 2
-        Py_INCREF(h)
+        self.timed.add(h)
         self.seq += 1
         self.heap[i].key = key
         self.heap[i].seq = self.seq
@@ -286,7 +290,7 @@ cdef class Loop:
             if grown != NULL:
                 self.heap = grown
                 self.heapcap //= 2
-        Py_DECREF(h)            # last: it may free h
+        self.timed.discard(h)   # last: it may free h
 
     cdef void heap_rekey(self, Py_ssize_t i, double key) noexcept:
         cdef bint earlier = key < self.heap[i].key
