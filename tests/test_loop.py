@@ -94,7 +94,7 @@ def test_signal_reaches_the_handler_through_the_loop():
         loop.call_later(2.0, loop.stop)
         loop.run()
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
     assert got == [signal.SIGUSR2]
 
@@ -291,9 +291,8 @@ def test_a_signal_is_queued_and_handled_by_the_loop_not_by_the_signal_handler(ca
             loop.run_once(0)
         assert loop.dispatched == dispatched    # the wake-up pipe was drained
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
-        os.close(loop._wakeup_w)
 
 
 def test_a_raising_signal_handler_is_logged_and_the_loop_goes_on(capsys):
@@ -311,9 +310,8 @@ def test_a_raising_signal_handler_is_logged_and_the_loop_goes_on(capsys):
         loop.run_once(0)
         step_to(loop, T0 + 1.0)
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
-        os.close(loop._wakeup_w)
     assert fired == ["timer"]
     err = capsys.readouterr().err
     assert err.count("[error]") == 1 and f"handling signal {int(signal.SIGUSR2)}" in err
@@ -372,6 +370,38 @@ def test_a_rig_dropped_with_an_idle_connection_is_freed_with_its_descriptors():
     del rig, client, conn
     assert live_loops() == loops
     assert open_fds() == before
+
+
+def test_unwatching_signals_closes_the_wakeup_pipe_and_puts_the_wakeup_fd_back():
+    old = signal.getsignal(signal.SIGUSR2)
+    loop = frozen_loop()
+    before = open_fds()
+    try:
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)     # again: one pipe
+        assert len(open_fds() - before) == 2
+        loop.unwatch_signals()
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1
+        loop.unwatch_signals()                                      # nothing left to do
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_loop_dropped_while_watching_signals_closes_its_wakeup_pipe():
+    old = signal.getsignal(signal.SIGUSR2)
+    loops, before = live_loops(), open_fds()
+    try:
+        loop = frozen_loop()
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        del loop
+        assert live_loops() == loops
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1     # never a write to a descriptor reused since
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
 
 
 # ------------------------------------------------------ deadlines of real handles (the rig)

@@ -23,6 +23,8 @@ Theory of operation
 * Signals: Python's ``signal.set_wakeup_fd`` writes to a pipe the loop watches; the Python
   handlers run by ``PyErr_CheckSignals`` after ``epoll_wait`` only append the signal number
   to ``signals``; the loop then calls ``on_signal`` for each, between two batches of events.
+  The loop owns that pipe: ``unwatch_signals`` (or the loop's end) puts the previous wake-up
+  fd back and closes both ends, so no signal is ever written to a descriptor reused since.
 * The GIL is released only around ``epoll_wait``. Nothing raises through the loop: an
   exception from a handle's callback goes to that handle's ``on_error`` (by default: logged
   once with the handle's description, and the handle closed); from a deferred callback, it
@@ -32,6 +34,7 @@ Theory of operation
 """
 import os
 import signal
+import threading
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
@@ -206,11 +209,16 @@ cdef class Loop:
         self.seq = 0
         self.running = False
         self.frozen = False
+        self.wake_r = self.wake_w = -1
         self.update_time()
 
     def __dealloc__(self):
         cdef int k, i
         cdef Py_ssize_t j
+        try:
+            self.close_wakeup(False)    # its handle may be gone (cycle collector): no unwatch
+        except BaseException:
+            pass
         if self.epfd >= 0:
             close(self.epfd)
         free(self.evbuf)
@@ -396,18 +404,53 @@ cdef class Loop:
         h.unwatch()
 
     def watch_signals(self, signals, handler):
-        """Call ``handler(signum)`` from the loop for each of ``signals`` received."""
+        """Call ``handler(signum)`` from the loop for each of ``signals`` received (main
+        thread only). Called again, it replaces the handler; the loop keeps one pipe."""
+        self.close_wakeup(True)
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         cdef _Wakeup wake = _Wakeup.__new__(_Wakeup)
         wake.loop = self
         wake.fd = r
-        wake.watch(EPOLLIN)
-        self._wakeup_w = w
+        try:
+            wake.watch(EPOLLIN)
+            self.wake_prev = signal.set_wakeup_fd(w)
+        except BaseException:
+            wake.unwatch()
+            os.close(r)
+            os.close(w)
+            raise
+        self.waker = wake
+        self.wake_r = r
+        self.wake_w = w
         self.on_signal = handler
-        signal.set_wakeup_fd(w)
         queue = self.signals
         for s in signals:
             signal.signal(s, lambda signum, frame: queue.append(signum))
+
+    def unwatch_signals(self):
+        """Stop watching signals: the wake-up fd goes back to the one before
+        ``watch_signals`` and the pipe is closed. The Python signal handlers stay (the caller
+        restores them): a signal received later is queued, and nothing acts on it."""
+        self.close_wakeup(True)
+
+    cdef int close_wakeup(self, bint unwatch) except -1:
+        if self.wake_w < 0:
+            return 0
+        if threading.current_thread() is not threading.main_thread():
+            return 0        # only the main thread may set the wake-up fd: ours stays open
+        try:
+            mine = signal.set_wakeup_fd(self.wake_prev)
+        except (OSError, ValueError):
+            mine = signal.set_wakeup_fd(-1)     # the earlier fd is closed by now
+        if mine != self.wake_w:
+            signal.set_wakeup_fd(mine)          # another's since ours: it stays
+        if unwatch and self.waker is not None:
+            self.waker.unwatch()
+        self.waker = None
+        close(self.wake_r)
+        close(self.wake_w)
+        self.wake_r = self.wake_w = -1
+        return 0
 
     def stop(self):
         self.running = False
