@@ -126,6 +126,7 @@ def run_worker(cfg: config.Config, socks: dict[Address, socket.socket], board: B
     _early.clear()
     loop.run()
     core.close_all()
+    loop.close()        # its descriptors now: a resolver thread may keep the object alive
     return 0
 
 

@@ -404,6 +404,24 @@ def test_a_loop_dropped_while_watching_signals_closes_its_wakeup_pipe():
         signal.signal(signal.SIGUSR2, old)
 
 
+def test_closing_a_loop_releases_its_descriptors_while_it_is_still_referenced():
+    old = signal.getsignal(signal.SIGUSR2)
+    before = open_fds()
+    try:
+        loop = frozen_loop()
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        loop.call_later(1.0, lambda: None)
+        loop.close()
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1
+        loop.close()                                # again: nothing to do
+        with pytest.raises(OSError):
+            loop.run_once(0)                        # a closed loop does not run
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
+
+
 # ------------------------------------------------------ deadlines of real handles (the rig)
 # A connection's deadline moves with its state: later with every keep-alive request (a
 # field write; re-keyed when the stale key comes due), earlier when a head starts.

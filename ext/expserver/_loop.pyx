@@ -452,6 +452,15 @@ cdef class Loop:
         self.wake_r = self.wake_w = -1
         return 0
 
+    def close(self):
+        """Release the loop's descriptors now (epoll, the wake-up pipe), not when the last
+        reference goes (a thread may hold one: the proxy's resolver holds its route's).
+        Idempotent; a closed loop cannot run again."""
+        self.close_wakeup(True)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+
     def stop(self):
         self.running = False
 
