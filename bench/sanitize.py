@@ -3,20 +3,16 @@
 
     python bench/sanitize.py [--work DIR] [--no-build] [--json out.json] [TEST ...]
 
-Copies the work tree (edits and untracked files included) into DIR (default: a temp dir,
-removed afterwards), builds the extensions there in place with gcc's -fsanitize=address
-(recoverable, frame pointers, -g) and runs pytest there on TEST (default: the proxy and
-static end-to-end tests and the tests of the compiled objects). This tree is never built
-with ASan; --no-build reuses the build in DIR.
-
-Every Python process of the run has gcc's libasan preloaded (LD_PRELOAD; PYTHONMALLOC=malloc
-so objects are malloc blocks ASan sees) and writes its own report (log_path), going on
-after an error. A sitecustomize.py in DIR keeps LD_PRELOAD from the non-Python processes
-the tests start (curl deadlocks in its own setlocale() under it) and records, at each
-process's exit after a last gc.collect(), the objects of ours still alive and the
-descriptors open that were not at the start (`expserver serve`: at run_worker's start).
-LSan cannot see an object kept by a cycle the collector cannot break (still reachable from
-CPython's GC lists): the live-object count does. Forked workers (os._exit) have no leak check.
+Copies the work tree (edits included) into DIR (default: a temp dir, removed afterwards),
+builds the extensions there in place with gcc's -fsanitize=address (recoverable, frame
+pointers, -g) and runs pytest there on TEST (default: the proxy and static e2e tests and the
+compiled-object tests). This tree is never built with ASan. Every Python process gets
+libasan in LD_PRELOAD, PYTHONMALLOC=malloc and its own report (log_path), going on after an
+error; a sitecustomize.py in DIR keeps LD_PRELOAD from the other processes the tests start
+(curl deadlocks in setlocale() under it) and records at each process's exit, after a last
+gc.collect(), the objects of ours still alive (LSan cannot see those a cycle keeps: CPython's
+GC lists reach them) and, for a serving worker, the descriptors open that were not when its
+loop started. A forked worker ends with os._exit: it is checked at the end of its loop.
 
 Summary: processes; distinct ASan errors by kind and top frame (the .pyx line); leaks in
 expserver code (a frame in ext/expserver) or elsewhere; live objects; descriptors left.
@@ -41,13 +37,11 @@ TESTS = ["tests/e2e/test_proxy.py", "tests/e2e/test_static_e2e.py", "tests/test_
          "tests/test_pipe.py", "tests/test_proxy_core.py", "tests/test_faults.py",
          "tests/test_loop.py"]
 CFLAGS = "-fsanitize=address -fsanitize-recover=address -fno-omit-frame-pointer -g"
-# CPython's, not ours: a daemon thread still running at exit (the proxy's resolver and
-# health checks) is never joined, so its start-up block is not freed.
-SUPPRESSIONS = "leak:thread_PyThread_start_new_thread\n"
+SUPPRESSIONS = "leak:thread_PyThread_start_new_thread\n"  # CPython's: a daemon thread at exit
 SITE = r'''
-import atexit, collections, gc, json, os, subprocess, sys
+import atexit, collections, ctypes, gc, importlib, json, os, subprocess, sys
 LOG, PRELOAD = os.environ.get("SANITIZE_LOG"), os.environ.pop("LD_PRELOAD", "")
-state = {"argv": sys.orig_argv}
+state, PID = {"argv": sys.orig_argv}, os.getpid()
 _execute_child = subprocess.Popen._execute_child
 
 def fds():  # but ASan's own report, opened once it has something to say
@@ -55,7 +49,7 @@ def fds():  # but ASan's own report, opened once it has something to say
     out = {n: os.readlink(p) for n, p in links.items() if os.path.exists(p)}
     return {n: t for n, t in out.items() if not t.startswith(LOG)}
 
-def at_exit():
+def record():
     gc.collect()
     live = collections.Counter(f"{m[10:]}.{type(o).__name__}" for o in gc.get_objects()
                                if (m := str(getattr(type(o), "__module__", ""))).startswith("expserver._")
@@ -71,19 +65,35 @@ def execute_child(self, args, executable, *rest):  # rest: preexec_fn, close_fds
         env = dict(os.environ if env is None else env, LD_PRELOAD=PRELOAD)
     return _execute_child(self, args, executable, *rest[:4], env, *rest[5:])
 
-def watch_server():
-    import expserver.server as srv
-    run_worker = srv.run_worker
-    srv.run_worker = lambda *a, **kw: (state.update(start=fds()), run_worker(*a, **kw))[1]
+def watch_worker():  # expserver.server.run_worker, or expserver.worker.run in a forked worker
+    for name, attr in (("expserver.worker", "run"), ("expserver.server", "run_worker")):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            run = getattr(mod, attr)
+            break
+    else:
+        return
+    def watched(*a, **kw):
+        state.update(start=fds(), worker=True)
+        try:
+            return run(*a, **kw)
+        finally:
+            if os.getpid() != PID:  # forked: os._exit runs no exit hook, so check now
+                record()
+                getattr(ctypes.CDLL(None), "__lsan_do_recoverable_leak_check")()
+    setattr(mod, attr, watched)
 
 if LOG and PRELOAD:
     subprocess.Popen._execute_child = execute_child
     state["start"] = fds()
-    atexit.register(at_exit)
+    atexit.register(record)
     os.register_at_fork(after_in_child=lambda: open(f"{LOG}/fork.{os.getpid()}", "w").close())
     a = sys.orig_argv
     if "-m" in a and a[a.index("-m") + 1:a.index("-m") + 3] == ["expserver", "serve"]:
-        watch_server()
+        watch_worker()
 '''
 # Held for the process's life on purpose: not counted as left open.
 HELD = {"/proc/PID/statm": "the worker's metrics keep it to read their RSS without a new fd"}
@@ -116,8 +126,7 @@ def top_frame(frames: list[tuple[str, str]]) -> tuple[str, str]:
 
 def parse_reports(log: Path, src: Path) -> tuple[dict, dict, set[str]]:
     """ASan errors by (kind, frame) and LSan leaks by (owner, kind, frame): [count, bytes, pids]."""
-    errors: dict = collections.defaultdict(lambda: [0, 0, set()])
-    leaks: dict = collections.defaultdict(lambda: [0, 0, set()])
+    errors, leaks = (collections.defaultdict(lambda: [0, 0, set()]) for _ in "el")
     pids = set()
     for f in sorted(log.glob("asan.*")):
         pid, text = f.suffix[1:], f.read_text(errors="replace")
@@ -148,20 +157,16 @@ def kind_of(target: str) -> str:
 
 def summarize(log: Path, src: Path, result: str) -> dict:
     exits = [json.loads(p.read_text()) for p in log.glob("exit.*.json")]
-    servers = [e for e in exits if "serve" in e["argv"]]
+    servers = [e for e in exits if e.get("worker")]
     errors, leaks, reported = parse_reports(log, src)
     forks = len(list(log.glob("fork.*")))
-    live: collections.Counter = collections.Counter()
-    left: collections.Counter = collections.Counter()
-    for e in exits:
-        live.update(e["live"])
-        new = set(e["end"].items()) - set(e["start"].items())
-        if e in servers:
-            left.update(kind_of(target) for _, target in new)
+    live = sum((collections.Counter(e["live"]) for e in exits), collections.Counter())
+    left = collections.Counter(kind_of(t) for e in servers
+                               for _, t in set(e["end"].items()) - set(e["start"].items()))
     foreign = sorted({m for e in exits for m in e["modules"] if not m.startswith(str(src))})
     print(f"\npytest: {result}")
-    print(f"processes: {len(exits)} Python with an exit record ({len(servers)} `expserver "
-          f"serve`), {forks} forked, {len(reported)} wrote an ASan/LSan report")
+    print(f"processes: {len(exits)} Python with an exit record ({len(servers)} serving workers), "
+          f"{forks} forked, {len(reported)} wrote an ASan/LSan report")
     if foreign:
         print(f"WARNING: modules not from the ASan build: {foreign}")
     print(f"ASan errors: {sum(v[0] for v in errors.values())}, distinct: {len(errors)}")
@@ -175,7 +180,7 @@ def summarize(log: Path, src: Path, result: str) -> dict:
             print(f"  {kind:8} {size:8} B {n:4} blocks, {len(pids)} process(es)  at {frame}")
     print(f"live objects of ours after the last gc, all processes: {dict(live) or 'none'}")
     held = {k: left.pop(k) for k in HELD if k in left}
-    print(f"descriptors left open in servers at exit (not open at run_worker's start): "
+    print(f"descriptors left open by serving workers (not open when their loop started): "
           f"{sum(left.values())} {dict(left) or ''}")
     for k, n in held.items():
         print(f"  and {n} x {k}, held on purpose: {HELD[k]}")
@@ -189,10 +194,9 @@ def build(src: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, check=True, capture_output=True).stdout.split(b"\0")
-    for name in filter(None, map(os.fsdecode, files)):
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
+    for name in (n for n in map(os.fsdecode, files) if n and (ROOT / n).is_file()):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     env = dict(os.environ, CFLAGS=CFLAGS, LDFLAGS="-fsanitize=address", CC="gcc",
                PYTHONWARNINGS="ignore")
     print(f"building the extensions with ASan in {src} (~1.5 min)", flush=True)
@@ -209,8 +213,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.no_build and not args.work:
         ap.error("--no-build reuses the build in --work DIR")
-    runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+    runtime = subprocess.check_output(["gcc", "-print-file-name=libasan.so"], text=True).strip()
     if not os.path.isabs(runtime):
         sys.exit("gcc's libasan not found (Debian: apt-get install gcc libasan8)")
     work = args.work or Path(tempfile.mkdtemp(prefix="expserver-asan-"))
@@ -219,8 +222,8 @@ def main() -> int:
         if not args.no_build:
             build(src)
         shutil.rmtree(log, ignore_errors=True)
-        log.mkdir(parents=True)
-        site.mkdir(exist_ok=True)
+        for d in (log, site):
+            d.mkdir(parents=True, exist_ok=True)
         (site / "sitecustomize.py").write_text(SITE)
         (site / "lsan.supp").write_text(SUPPRESSIONS)
         env = dict(os.environ, LD_PRELOAD=runtime, PYTHONMALLOC="malloc", SANITIZE_LOG=str(log),
@@ -234,9 +237,7 @@ def main() -> int:
                            timeout=3600)
         lines = (work / "pytest.txt").read_text().splitlines()
         result = next((x.strip("= ") for x in reversed(lines) if " in " in x), "no result")
-        for x in lines:
-            if x.startswith(("FAILED", "ERROR")):
-                print(x)
+        print("\n".join(x for x in lines if x.startswith(("FAILED", "ERROR"))))
         summary = summarize(log, src, result)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))
