@@ -123,6 +123,7 @@ def run(cfg: config.Config, socks: dict[Address, socket.socket], board: Board, s
     flush()
     loop.run()
     core.close_all()
+    loop.close()                # its epoll descriptor and wake-up pipe, whatever holds it
     for access_log in unique:
         access_log.flush()
     for file in files.values():

@@ -164,6 +164,31 @@ def test_a_file_range_with_a_negative_length_is_answered_500_and_its_file_closed
     assert leaked(before) == set()
 
 
+@pytest.mark.parametrize("status, headers, context", [
+    (1000, b"", "the handler of the connection from"),
+    (0, b"", "the handler of the connection from"),
+    ("200", b"", "the handler of the connection from"),
+    (200, "Text: str\r\n", "internal error on the connection from"),
+], ids=["status-1000", "status-0", "str-status", "str-headers"])
+def test_a_refused_answer_with_a_file_range_is_answered_500_and_its_file_closed(
+        capsys, closing, tmp_path, status, headers, context):
+    (tmp_path / "f").write_bytes(b"abc")
+
+    def handler(req):
+        return status, headers, FileRange(os.open(tmp_path / "f", os.O_RDONLY), 0, 3)
+
+    rig = Rig(handler)
+    closing.append(rig)
+    before = open_fds()
+    client, _ = rig.connect()
+    client.send(GET)
+    status_, headers_, _ = parse_response(client.pump())
+    assert (status_, headers_["connection"]) == (500, "close")
+    one_error(capsys, context)
+    client.close()
+    assert leaked(before) == set()
+
+
 def test_a_handler_fault_behind_a_stalled_answer_is_answered_500(capsys, closing):
     """The pipelined request is dispatched later, when the pipe has room again (a deferred
     call, not an event): its fault must still be answered."""

@@ -6,6 +6,7 @@ cancellation leaving the heap, faults of callbacks logged while the loop goes on
 acted on by the loop, and the deadlines of real connections moving later and earlier in the
 same heap (the rig of tests/rig.py), with no event spent on an idle connection.
 """
+import gc
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from expserver._loop import Loop
-from tests.rig import Rig
+from tests.rig import Rig, open_fds
 
 
 def test_timers_fire_in_deadline_order_then_stop():
@@ -93,7 +94,7 @@ def test_signal_reaches_the_handler_through_the_loop():
         loop.call_later(2.0, loop.stop)
         loop.run()
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
     assert got == [signal.SIGUSR2]
 
@@ -290,9 +291,8 @@ def test_a_signal_is_queued_and_handled_by_the_loop_not_by_the_signal_handler(ca
             loop.run_once(0)
         assert loop.dispatched == dispatched    # the wake-up pipe was drained
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
-        os.close(loop._wakeup_w)
 
 
 def test_a_raising_signal_handler_is_logged_and_the_loop_goes_on(capsys):
@@ -310,9 +310,8 @@ def test_a_raising_signal_handler_is_logged_and_the_loop_goes_on(capsys):
         loop.run_once(0)
         step_to(loop, T0 + 1.0)
     finally:
-        signal.set_wakeup_fd(-1)
+        loop.unwatch_signals()
         signal.signal(signal.SIGUSR2, old)
-        os.close(loop._wakeup_w)
     assert fired == ["timer"]
     err = capsys.readouterr().err
     assert err.count("[error]") == 1 and f"handling signal {int(signal.SIGUSR2)}" in err
@@ -338,6 +337,89 @@ def test_a_raising_reader_callback_is_logged_and_the_loop_goes_on(capsys):
     assert calls == [b"a", b"b"]               # still watched after its fault
     err = capsys.readouterr().err
     assert err.count("[error]") == 2 and "reader callback" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ a loop that is dropped
+def live_loops() -> int:
+    gc.collect()
+    return sum(type(o) is Loop for o in gc.get_objects())
+
+
+def test_a_loop_dropped_with_deadlines_pending_is_freed_with_its_epoll_descriptor():
+    """The timer heap's references are the GC's to see: a loop (its timers, its connections)
+    dropped while deadlines are pending is collected, not kept for good."""
+    loops, before = live_loops(), open_fds()
+    loop = frozen_loop()
+    loop.call_later(10.0, lambda: None)
+    loop.call_later(20.0, lambda: None).cancel()
+    assert loop.timer_count == 1
+    del loop
+    assert live_loops() == loops
+    assert open_fds() == before
+
+
+def test_a_rig_dropped_with_an_idle_connection_is_freed_with_its_descriptors():
+    loops, before = live_loops(), open_fds()
+    rig = Rig(lambda req: (200, b"", b"ok"))
+    client, conn = rig.connect()
+    client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.take()
+    assert conn.in_heap                 # its keep-alive deadline
+    rig.close()
+    rig.loop.call_later(5.0, lambda: None)
+    del rig, client, conn
+    assert live_loops() == loops
+    assert open_fds() == before
+
+
+def test_unwatching_signals_closes_the_wakeup_pipe_and_puts_the_wakeup_fd_back():
+    old = signal.getsignal(signal.SIGUSR2)
+    loop = frozen_loop()
+    before = open_fds()
+    try:
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)     # again: one pipe
+        assert len(open_fds() - before) == 2
+        loop.unwatch_signals()
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1
+        loop.unwatch_signals()                                      # nothing left to do
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_loop_dropped_while_watching_signals_closes_its_wakeup_pipe():
+    old = signal.getsignal(signal.SIGUSR2)
+    loops, before = live_loops(), open_fds()
+    try:
+        loop = frozen_loop()
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        del loop
+        assert live_loops() == loops
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1     # never a write to a descriptor reused since
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_closing_a_loop_releases_its_descriptors_while_it_is_still_referenced():
+    old = signal.getsignal(signal.SIGUSR2)
+    before = open_fds()
+    try:
+        loop = frozen_loop()
+        loop.watch_signals([signal.SIGUSR2], lambda signum: None)
+        loop.call_later(1.0, lambda: None)
+        loop.close()
+        assert open_fds() == before
+        assert signal.set_wakeup_fd(-1) == -1
+        loop.close()                                # again: nothing to do
+        with pytest.raises(OSError):
+            loop.run_once(0)                        # a closed loop does not run
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, old)
 
 
 # ------------------------------------------------------ deadlines of real handles (the rig)

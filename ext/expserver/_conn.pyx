@@ -673,6 +673,7 @@ cdef class Connection(Handle):
     cdef int dispatch(self, Request req) except -1:
         cdef bint has_body = req.chunked or req.content_length > 0
         cdef Deferred task
+        cdef object body = None
         self.core.stats.req_total += 1
         self.started = self.loop.now
         self.body_timeout = self.settings.body_timeout
@@ -696,6 +697,8 @@ cdef class Connection(Handle):
             else:
                 task = <Deferred?>answer
         except Exception as exc:
+            if type(body) is FileRange:
+                self.close_file(body)       # a refused answer: its file is not sent
             log.exception(f"the handler of the {self.describe()}", exc)
             self.close_after = True
             self.respond_error(req, 500)
@@ -718,7 +721,14 @@ cdef class Connection(Handle):
             # the handler does not read bodies (or refused this one): answer now, and since we
             # cannot know whether the client will send the body anyway, close afterwards
             self.close_after = True
-        self.respond(req, status, headers, body)
+        try:
+            self.respond(req, status, headers, body)
+        except BaseException:
+            # e.g. headers that are not bytes: the fault is answered 500 (on_error), and the
+            # file, not queued, is closed here (the pipe's own are closed by the pipe)
+            if type(body) is FileRange:
+                self.close_file(body)
+            raise
         if has_body and not self.close_after:
             self.parser.start_body(req)
             self.state = C_BODY         # read and discard it: the next request follows
@@ -785,6 +795,7 @@ cdef class Connection(Handle):
             if (<FileRange>body).length > 0:
                 self.out.push_file((<FileRange>body).fd, (<FileRange>body).offset,
                                    (<FileRange>body).length)
+                (<FileRange>body).fd = -1   # the pipe's now: it closes it, nothing else may
             else:
                 self.close_file(body)
         else:

@@ -11,13 +11,14 @@ cdef class Handle
 cdef struct TimerEntry:
     double key                   # <= the handle's deadline
     unsigned long long seq       # arming order: equal keys fire first-in first-out
-    PyObject *handle             # an owned reference
+    PyObject *handle             # borrowed: ``Loop.timed`` holds the reference
 
 cdef class Loop:
     cdef int epfd
     cdef bint running
     cdef dict handles            # fd -> Handle: keeps registered handles alive
     cdef TimerEntry *heap        # binary min-heap by (key, seq)
+    cdef set timed               # the handles in the heap, owned where the GC can see them
     cdef Py_ssize_t nheap, heapcap
     cdef unsigned long long seq
     cdef public double now       # monotonic time of the current iteration
@@ -29,7 +30,9 @@ cdef class Loop:
     cdef object on_signal
     cdef epoll_event *evbuf
     cdef int maxevents
-    cdef public object _wakeup_w
+    cdef Handle waker            # the read end of the signal wake-up pipe (watch_signals)
+    cdef int wake_r, wake_w      # the pipe; wake_w is Python's wake-up fd; -1: none
+    cdef int wake_prev           # the wake-up fd before ours, put back when we stop
     cdef void *spares[2][16]     # freed receive buffers of the two usual sizes, for reuse
     cdef int nspares[2]
     cdef double update_time(self) noexcept
@@ -41,6 +44,7 @@ cdef class Loop:
     cdef int run_timers(self) except -1
     cdef int iterate(self, int timeout) except -1
     cdef int fault(self, Handle h, BaseException exc) except -1
+    cdef int close_wakeup(self, bint unwatch) except -1
     cdef unsigned char *take_buffer(self, Py_ssize_t size) except NULL
     cdef void give_buffer(self, unsigned char *buf, Py_ssize_t size) noexcept
 

@@ -10,17 +10,21 @@ Theory of operation
   never points at freed memory.
 * Level-triggered: a handle that stops wanting input (its output pipe is full) drops
   EPOLLIN from its interest; it is never left readable-but-ignored, which would spin.
-* Timers: an intrusive binary heap of Handles (a C array of owned references; each handle
-  knows its ``heap_index``), so a handle is in the heap at most once and leaves it the moment
-  its deadline is cancelled: a closed connection leaves nothing behind, whatever its deadline
-  was. Invariant: a handle's entry has ``key <= deadline``. Moving a deadline later
-  (every keep-alive request does) is a field write; when the stale key comes due the handle
-  is re-keyed at its real deadline (one sift-down). An earlier deadline sifts up; cancelling
-  (deadline 0) removes the entry. So arming, re-arming and cancelling are O(1) or O(log n),
+* Timers: an intrusive binary heap of Handles (a C array; each handle knows its
+  ``heap_index``), so a handle is in the heap at most once and leaves it the moment its
+  deadline is cancelled: a closed connection leaves nothing behind, whatever its deadline
+  was. The set ``timed`` holds the references, not the C array, so that the cycle collector
+  sees them: a loop dropped with deadlines pending is freed like any other. Invariant: a
+  handle's entry has ``key <= deadline``. Moving a deadline later (every keep-alive request
+  does) is a field write; when the stale key comes due the handle is re-keyed at its real
+  deadline (one sift-down). An earlier deadline sifts up; cancelling (deadline 0) removes
+  the entry. So arming, re-arming and cancelling are O(1) or O(log n),
   and nothing ever scans all connections. Equal deadlines fire in arming order.
 * Signals: Python's ``signal.set_wakeup_fd`` writes to a pipe the loop watches; the Python
   handlers run by ``PyErr_CheckSignals`` after ``epoll_wait`` only append the signal number
   to ``signals``; the loop then calls ``on_signal`` for each, between two batches of events.
+  The loop owns that pipe: ``unwatch_signals`` (or the loop's end) puts the previous wake-up
+  fd back and closes both ends, so no signal is ever written to a descriptor reused since.
 * The GIL is released only around ``epoll_wait``. Nothing raises through the loop: an
   exception from a handle's callback goes to that handle's ``on_error`` (by default: logged
   once with the handle's description, and the handle closed); from a deferred callback, it
@@ -30,10 +34,10 @@ Theory of operation
 """
 import os
 import signal
+import threading
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.stdlib cimport malloc, realloc, free
 from expserver._sys cimport *
 
@@ -198,24 +202,32 @@ cdef class Loop:
         self.heapcap = HEAP_MIN
         self.nheap = 0
         self.handles = {}
+        self.timed = set()
         self.ready = []
         self.graveyard = []
         self.signals = []
         self.seq = 0
         self.running = False
         self.frozen = False
+        self.wake_r = self.wake_w = -1
         self.update_time()
 
     def __dealloc__(self):
         cdef int k, i
         cdef Py_ssize_t j
+        try:
+            self.close_wakeup(False)    # its handle may be gone (cycle collector): no unwatch
+        except BaseException:
+            pass
         if self.epfd >= 0:
             close(self.epfd)
         free(self.evbuf)
         if self.heap != NULL:
-            for j in range(self.nheap):
-                (<Handle>self.heap[j].handle).heap_index = -1
-                Py_DECREF(<object>self.heap[j].handle)
+            if self.timed is not None:
+                # freed by its last reference: the handles still in the heap outlive it
+                # (after the cycle collector's clear, ``timed`` is gone and so may they be)
+                for j in range(self.nheap):
+                    (<Handle>self.heap[j].handle).heap_index = -1
             free(self.heap)
         for k in range(2):
             for i in range(self.nspares[k]):
@@ -260,7 +272,7 @@ cdef class Loop:
                 raise MemoryError()
             self.heap = grown
             self.heapcap *= 2
-        Py_INCREF(h)
+        self.timed.add(h)
         self.seq += 1
         self.heap[i].key = key
         self.heap[i].seq = self.seq
@@ -286,7 +298,7 @@ cdef class Loop:
             if grown != NULL:
                 self.heap = grown
                 self.heapcap //= 2
-        Py_DECREF(h)            # last: it may free h
+        self.timed.discard(h)   # last: it may free h
 
     cdef void heap_rekey(self, Py_ssize_t i, double key) noexcept:
         cdef bint earlier = key < self.heap[i].key
@@ -392,18 +404,62 @@ cdef class Loop:
         h.unwatch()
 
     def watch_signals(self, signals, handler):
-        """Call ``handler(signum)`` from the loop for each of ``signals`` received."""
+        """Call ``handler(signum)`` from the loop for each of ``signals`` received (main
+        thread only). Called again, it replaces the handler; the loop keeps one pipe."""
+        self.close_wakeup(True)
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         cdef _Wakeup wake = _Wakeup.__new__(_Wakeup)
         wake.loop = self
         wake.fd = r
-        wake.watch(EPOLLIN)
-        self._wakeup_w = w
+        try:
+            wake.watch(EPOLLIN)
+            self.wake_prev = signal.set_wakeup_fd(w)
+        except BaseException:
+            wake.unwatch()
+            os.close(r)
+            os.close(w)
+            raise
+        self.waker = wake
+        self.wake_r = r
+        self.wake_w = w
         self.on_signal = handler
-        signal.set_wakeup_fd(w)
         queue = self.signals
         for s in signals:
             signal.signal(s, lambda signum, frame: queue.append(signum))
+
+    def unwatch_signals(self):
+        """Stop watching signals: the wake-up fd goes back to the one before
+        ``watch_signals`` and the pipe is closed. The Python signal handlers stay (the caller
+        restores them): a signal received later is queued, and nothing acts on it."""
+        self.close_wakeup(True)
+
+    cdef int close_wakeup(self, bint unwatch) except -1:
+        if self.wake_w < 0:
+            return 0
+        if threading.current_thread() is not threading.main_thread():
+            return 0        # only the main thread may set the wake-up fd: ours stays open
+        try:
+            mine = signal.set_wakeup_fd(self.wake_prev)
+        except (OSError, ValueError):
+            mine = signal.set_wakeup_fd(-1)     # the earlier fd is closed by now
+        if mine != self.wake_w:
+            signal.set_wakeup_fd(mine)          # another's since ours: it stays
+        if unwatch and self.waker is not None:
+            self.waker.unwatch()
+        self.waker = None
+        close(self.wake_r)
+        close(self.wake_w)
+        self.wake_r = self.wake_w = -1
+        return 0
+
+    def close(self):
+        """Release the loop's descriptors now (epoll, the wake-up pipe), not when the last
+        reference goes (a thread may hold one: the proxy's resolver holds its route's).
+        Idempotent; a closed loop cannot run again."""
+        self.close_wakeup(True)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
 
     def stop(self):
         self.running = False
