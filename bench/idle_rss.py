@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Memory per idle keep-alive connection: expserver against nginx (one worker each).
 
-    python bench/idle_rss.py [-n 10000] [--only expserver|nginx] [--json out.json]
+    python bench/idle_rss.py [-n 10000] [--only expserver|nginx] [--tls] [--json out.json]
 
 For each server: start it on a temp directory, warm it up with a few requests, read the
 serving process's RSS (VmRSS in /proc/<pid>/status), open N connections from this
@@ -14,6 +14,13 @@ sockets once the connections are open -- nginx's worker (not its master), and fo
 expserver the pid of `python -m expserver serve` itself, or its worker if it forks one.
 Both servers keep idle connections for 75 s by default, and the whole run takes well
 under that per server.
+
+--tls: the same over HTTPS. Both servers get one certificate made for the run (ECDSA
+P-256; --rsa: RSA 2048) on a TLS listener (nginx: `ssl_session_cache shared:SSL:10m`,
+`ssl_protocols TLSv1.2 TLSv1.3`, as in compare_tls.py), and each of the N connections
+completes a full TLS handshake (Python's ssl, TLS 1.3, no session offered) and one request
+before it is left idle. The target printed beside expserver's figure is <= 48 KiB per idle
+TLS connection (for reading, not asserted).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import tempfile
 import time
@@ -29,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h  # noqa: E402
+import compare_tls as ct  # noqa: E402  (certificate and TLS configs)
 
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: x\r\n\r\n"
 SMALL = b"small file for idle keep-alive connections\n"
@@ -37,6 +46,7 @@ SMALL = b"small file for idle keep-alive connections\n"
 CONCURRENT_CONNECTS = 64
 SETTLE_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
+TLS_TARGET_KIB = 48.0   # expserver, per idle TLS keep-alive connection
 
 
 async def read_response(reader: asyncio.StreamReader) -> bytes:
@@ -57,8 +67,10 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS) -> list[Conn]:
-    """Open n keep-alive connections, each after one full request/response.
+async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS,
+                    tls: ssl.SSLContext | None = None) -> list[Conn]:
+    """Open n keep-alive connections, each after one full request/response (over TLS
+    when `tls` is a client context: a full handshake each, no session offered).
 
     Raises with a count of what failed rather than leaving a half-measured server.
     """
@@ -67,7 +79,7 @@ async def open_idle(port: int, n: int, concurrency: int = CONCURRENT_CONNECTS) -
     async def one() -> Conn:
         async with sem:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), REQUEST_TIMEOUT_S)
+                asyncio.open_connection("127.0.0.1", port, ssl=tls), REQUEST_TIMEOUT_S)
             try:
                 writer.write(REQUEST)
                 body = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
@@ -106,15 +118,16 @@ def serving_process(root_pid: int) -> int:
     return max(tree, key=lambda pid: (h.socket_fd_count(pid), pid == root_pid))
 
 
-def measure(name: str, server: h.Server, port: int, n: int, concurrency: int) -> dict[str, object]:
+def measure(name: str, server: h.Server, port: int, n: int, concurrency: int,
+            tls: ssl.SSLContext | None = None) -> dict[str, object]:
     # Warm-up: first-request allocations (caches, MIME table, buffers) are not per connection.
-    asyncio.run(_warm(port))
+    asyncio.run(_warm(port, tls))
     time.sleep(SETTLE_S)
     tree_before = {pid: h.rss_kib(pid) for pid in [server.pid, *h.descendants(server.pid)]}
 
     async def run() -> dict[str, object]:
         t0 = time.monotonic()
-        conns = await open_idle(port, n, concurrency)
+        conns = await open_idle(port, n, concurrency, tls)
         opened_s = time.monotonic() - t0
         await asyncio.sleep(SETTLE_S)
         pid = serving_process(server.pid)
@@ -122,6 +135,10 @@ def measure(name: str, server: h.Server, port: int, n: int, concurrency: int) ->
         tree_after = {p: h.rss_kib(p) for p in [server.pid, *h.descendants(server.pid)]}
         alive = await still_open(conns)
         sockets = h.socket_fd_count(pid)
+        tls_info = None
+        if tls is not None and conns:
+            sslobj = conns[0][1].get_extra_info("ssl_object")
+            tls_info = f"{sslobj.version()} {sslobj.cipher()[0]}" if sslobj else None
         await close_all(conns)
         before = tree_before.get(pid)
         if before is None:
@@ -129,6 +146,7 @@ def measure(name: str, server: h.Server, port: int, n: int, concurrency: int) ->
         per_conn = (after - before) / alive if alive else float("nan")
         return {
             "server": name, "pid": pid, "cmdline": h.process_name(pid), "connections": n,
+            "tls": tls_info,
             "still_open": alive, "server_sockets": sockets, "open_seconds": round(opened_s, 2),
             "rss_before_kib": before, "rss_after_kib": after,
             "rss_per_conn_kib": round(per_conn, 3),
@@ -147,9 +165,15 @@ def measure(name: str, server: h.Server, port: int, n: int, concurrency: int) ->
     return result
 
 
-async def _warm(port: int) -> None:
-    conns = await open_idle(port, 8)
+async def _warm(port: int, tls: ssl.SSLContext | None = None) -> None:
+    conns = await open_idle(port, 8, tls=tls)
     await close_all(conns)
+
+
+def tls_client_context(ca: Path) -> ssl.SSLContext:
+    """Verifies the run's certificate; no session is ever offered (each connection makes
+    its own context-less handshake: asyncio passes no session)."""
+    return ssl.create_default_context(cafile=str(ca))
 
 
 def main() -> int:
@@ -158,6 +182,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=CONCURRENT_CONNECTS,
                     help="connects in flight at once")
     ap.add_argument("--only", choices=("expserver", "nginx"))
+    ap.add_argument("--tls", action="store_true",
+                    help="idle TLS connections (a handshake and one request each)")
+    ap.add_argument("--rsa", action="store_true",
+                    help="--tls: an RSA 2048 certificate (default ECDSA P-256)")
     ap.add_argument("--json", type=Path, help="also save the results here")
     ap.add_argument("--expserver-cmd", default=h.DEFAULT_EXPSERVER_CMD,
                     help="command template; placeholders {python} {config} {dir} {port}")
@@ -178,17 +206,32 @@ def main() -> int:
         root.mkdir(mode=0o755)
         (root / "small.txt").write_bytes(SMALL)
         (root / "small.txt").chmod(0o644)
+        tls_ctx = None
+        if args.tls:
+            cert, key, ca, cert_kind = ct.make_certificate(work, args.rsa)
+            for p in (cert, key):
+                p.chmod(0o644)
+            tls_ctx = tls_client_context(ca)
+            print(f"TLS: {cert_kind}", file=sys.stderr)
 
         if args.only in (None, "expserver"):
             port = h.free_port()
             config = work / "expserver.json"
-            h.write_expserver_config(config, root, port)
+            ports = [port]
+            if args.tls:
+                # a plain server and a TLS server (compare_tls.py's config); measured on TLS
+                tls_ports = {"expserver": h.free_port(), "expserver_tls": port}
+                ct.write_expserver_config(config, root, tls_ports, cert, key,
+                                          ct.PROTOCOLS["both"])
+                ports = [port, tls_ports["expserver"]]
+            else:
+                h.write_expserver_config(config, root, port)
             servers = []
             try:
                 servers = h.start_expserver(args.expserver_cmd, config=config, root=root,
-                                            ports=[port], workdir=work)
+                                            ports=ports, workdir=work)
                 results["expserver"] = measure("expserver", servers[0], port, n,
-                                                     args.concurrency)
+                                                     args.concurrency, tls_ctx)
             finally:
                 for server in servers:
                     server.stop()
@@ -198,21 +241,35 @@ def main() -> int:
             conf = work / "nginx.conf"
             # Headroom matters: with fewer than 1/16 of worker_connections free, nginx
             # starts closing idle keep-alive connections to make room.
-            h.write_nginx_conf(conf, work, root, port, worker_connections=2 * n + 512,
-                               rlimit_nofile=2 * n + 1024)
+            ports = [port]
+            if args.tls:
+                tls_ports = {"nginx": h.free_port(), "nginx_tls": port}
+                ct.write_nginx_conf(conf, work, root, tls_ports, cert, key,
+                                    ct.PROTOCOLS["both"], worker_connections=2 * n + 512,
+                                    rlimit_nofile=2 * n + 1024, probe=False)
+                ports = [port, tls_ports["nginx"]]
+            else:
+                h.write_nginx_conf(conf, work, root, port, worker_connections=2 * n + 512,
+                                   rlimit_nofile=2 * n + 1024)
             nginx = h.start_nginx(conf, work)
             try:
-                nginx.wait_ready([port])
-                results["nginx"] = measure("nginx", nginx, port, n, args.concurrency)
+                nginx.wait_ready(ports)
+                results["nginx"] = measure("nginx", nginx, port, n, args.concurrency, tls_ctx)
             finally:
                 nginx.stop()
 
     print()
-    print(f"RSS per idle keep-alive connection ({n} connections, one worker each):")
+    kind = f"TLS ({cert_kind}, {next(iter(results.values()))['tls']}) " if args.tls and \
+        results else ""
+    print(f"RSS per idle {kind}keep-alive connection ({n} connections, one worker each):")
     for name, r in results.items():
+        target = ""
+        if args.tls and name == "expserver":
+            met = "met" if r["rss_per_conn_kib"] <= TLS_TARGET_KIB else "NOT met"
+            target = f"  target <= {TLS_TARGET_KIB:.0f} KiB: {met}"
         print(f"  {name:9s} {r['rss_per_conn_kib']:8.2f} KiB/conn  "
               f"(RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB, "
-              f"{r['still_open']} open)")
+              f"{r['still_open']} open){target}")
     if len(results) == 2 and results["nginx"]["rss_per_conn_kib"]:
         ratio = results["expserver"]["rss_per_conn_kib"] / results["nginx"]["rss_per_conn_kib"]
         print(f"  ratio expserver/nginx: {ratio:.2f} (lower is better)")
