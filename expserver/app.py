@@ -22,7 +22,6 @@ from .policy import (
     RateLimit,
     ResponsePolicy,
     acl_check,
-    body_limit_check,
     request_id_check,
     response_policy,
 )
@@ -199,11 +198,14 @@ def build_route(route: config.RouteConfig, server: config.ServerConfig, parts: P
         after.append(BasicAuth(auth.users_file, auth.realm, error))
         if route.type == "reverse_proxy" and not auth.forward_authorization:
             handler.hide = frozenset([b"authorization"])   # the password stays here
-    # a reverse_proxy route enforces its own limit while it streams the body
-    if route.type != "reverse_proxy" and route.max_body_size:
-        after.append(body_limit_check(route.max_body_size, error))
     return Route(handler, route.type, checks, response_policy(server, route, cors), rate,
                  after, parts.loop)
+
+
+def body_limit(route: config.RouteConfig) -> int:
+    """The limit App enforces (0: none); a reverse_proxy route enforces its own while it
+    streams the body."""
+    return 0 if route.type == "reverse_proxy" else route.max_body_size
 
 
 class ToHTTPS:
@@ -238,13 +240,13 @@ class Site:
         self.policy = response_policy(server, None)
         self.to_https = ToHTTPS(server) if server.https_redirect else None
         self.access_log = access_log        # an AccessLog, or False: none
-        entries: list[tuple[str, tuple[Any, str]]] = []
+        entries: list[tuple[str, tuple[Any, str, int]]] = []
         for j, r in enumerate(server.routes):
             route = build_route(r, server, parts, (index, j))
             entries.append((r.req_path, (route.handler if route.plain else route.serve,
-                                         route.kind)))
+                                         route.kind, body_limit(r))))
         # eXpServer's dashboard polls a server without routes at /api
-        self.table = routing.RouteTable(entries or [("/api", (parts.figures, "metrics"))])
+        self.table = routing.RouteTable(entries or [("/api", (parts.figures, "metrics", 0))])
 
 
 def build_sites(cfg: config.Config, loop: Any, core: Any, worker: metrics.WorkerMetrics,
@@ -286,6 +288,12 @@ class App:
             if site.policy is not None:
                 req.policy = site.policy
             return error(404)
-        handler, kind = entry
+        handler, kind, limit = entry
         self.by_kind[kind] += 1
+        if limit and (req.content_length > 0 or req.chunked):
+            if req.content_length > limit:
+                if site.policy is not None:
+                    req.policy = site.policy
+                return error(413)
+            req.body_limit = limit      # a chunked body is cut there
         return handler(req)

@@ -198,13 +198,6 @@ def request_id_check() -> Check:
     return check
 
 
-def body_limit_check(limit: int, refuse: Callable[[int], Answer]) -> Check:
-    def check(req: Any) -> Answer | None:
-        if req.content_length > limit:
-            return refuse(413)
-        req.body_limit = limit          # a chunked body is cut there
-        return None
-    return check
 
 
 # --- CORS ----------------------------------------------------------------------------------------
