@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import log
 from .config import Config, ConfigError, ServerConfig, TLSConfig, UpstreamTLSConfig
 
 PROTOCOLS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -33,10 +35,18 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
     ctx.minimum_version, ctx.maximum_version = versions[0], versions[-1]
     ctx.set_ciphers(tls.ciphers)
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # a client that closes without close_notify (most do) is an EOF, not a fatal error:
+    # OpenSSL 3 otherwise drops the session from its cache (nginx sets it too); requests
+    # are framed by HTTP, so a truncation cannot pass for a complete one
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE     # intermediate: the client chooses
     if not tls.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
     ctx.set_alpn_protocols(ALPN)
+    # One TLS 1.3 ticket per handshake, not OpenSSL's two: a browser uses one per
+    # connection, and each costs a session serialisation and an encryption.
+    ctx.num_tickets = 1
+    _set_groups(ctx, tls.groups)
     password = os.environ.get(tls.password_env) if tls.password_env else None
     if tls.password_env and password is None:
         raise ConfigError("tls.password_env", f"environment variable {tls.password_env} "
@@ -50,6 +60,30 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
     except OSError as e:
         raise ConfigError("tls", f"{e.filename or tls.cert}: {e.strerror}") from None
     return ctx
+
+
+# Mozilla intermediate's key exchange groups. The stdlib has no SSLContext call for a list
+# of groups before Python 3.15 (set_ecdh_curve takes one curve), so this calls OpenSSL's
+# SSL_CTX_set1_groups_list on the context's SSL_CTX, found in the _ssl module's object
+# (the first field after the object header) through the libssl _ssl itself is linked to.
+SSL_CTRL_SET_GROUPS_LIST = 92
+
+
+def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    if not groups:
+        return
+    if not (3, 8) <= sys.version_info[:2] <= (3, 13):    # the object layout is known here
+        log.warn(f"this Python cannot restrict the TLS groups to {groups}: OpenSSL's "
+                 "defaults are used")
+        return
+    import ctypes
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ssl_ctx or lib.SSL_CTX_ctrl(ssl_ctx, SSL_CTRL_SET_GROUPS_LIST, 0,
+                                       groups.encode()) != 1:
+        raise ConfigError("tls", f"OpenSSL refused the key exchange groups {groups!r}")
 
 
 def _ssl_reason(e: ssl.SSLError) -> str:

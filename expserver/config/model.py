@@ -322,6 +322,10 @@ class TLSConfig:
         INTERMEDIATE_CIPHERS, spec=checks.HEADER_VALUE, default_doc="Mozilla intermediate",
         doc="OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are all AEAD and not "
             "configured). The client's preference is followed, as Mozilla intermediate says.")
+    groups: str = declare(
+        "X25519:prime256v1:secp384r1", spec=checks.HEADER_VALUE,
+        doc="Key exchange groups, in order of preference (Mozilla intermediate's; OpenSSL's "
+            "defaults would also offer X448 and P-521).")
     session_tickets: bool = declare(
         True, spec=Boolean(),
         doc="Session resumption with tickets; their keys are shared by all workers and "

@@ -73,7 +73,8 @@ from libc.string cimport memmove
 from libc.stdint cimport uint32_t
 from expserver._sys cimport *
 from expserver._loop cimport Loop, Handle, SMALL_BUFFER
-from expserver._pipe cimport Pipe, FileRange, FLUSH_AGAIN, FLUSH_ERROR, join_bytes, tls_recv
+from expserver._pipe cimport Pipe, FileRange, FLUSH_AGAIN, FLUSH_ERROR, join_bytes, tls_recv, \
+    tls_pending, tls_direct_check, tls_keep_session
 from expserver._http cimport Parser, Request, AGAIN
 
 from expserver import log
@@ -98,6 +99,7 @@ cdef bytes PLAIN_ON_TLS = (
     b"<h1>400 Bad Request</h1>\n<p>The plain HTTP request was sent to HTTPS port</p>\n"
     b"<hr><p>eXpServer</p>\n</body>\n</html>\n")
 cdef object _socket = socket.socket
+cdef object SOCK_STREAM_ = socket.SOCK_STREAM
 cdef object SSLWantReadError = ssl.SSLWantReadError
 cdef object SSLWantWriteError = ssl.SSLWantWriteError
 cdef object SSLError = ssl.SSLError
@@ -397,9 +399,11 @@ cdef class Connection(Handle):
         """HANDSHAKE: within header_timeout, or the connection is closed (never blocking)."""
         self.state = C_HANDSHAKE
         self.set_deadline(self.loop.now + self.settings.header_timeout)
-        self.tls_sock = _socket(fileno=self.fd)
+        # family and type given: no getsockname/getsockopt calls to find them out
+        self.tls_sock = _socket(self.listener.sock.family, SOCK_STREAM_, 0, self.fd)
         self.tls_sock.setblocking(False)    # its timeout 0: OpenSSL never waits in C
         self.tls = context._wrap_socket(self.tls_sock, True, None, owner=self, session=None)
+        tls_direct_check(self.tls, self.fd, True)
         self.handshake()
         return 0
 
@@ -418,7 +422,7 @@ cdef class Connection(Handle):
         self.tls_proto = self.tls.version().encode("ascii")
         self.set_deadline(self.loop.now + self.settings.keepalive_timeout)
         self.watch(EPOLLIN)
-        if self.tls.pending():
+        if tls_pending(self.tls):
             self.read()             # a request that came with the handshake's last flight
         return 0
 
@@ -1015,7 +1019,7 @@ cdef class Connection(Handle):
         if self.blocked:
             ev |= EPOLLOUT
         self.watch(ev)
-        if self.tls is not None and ev & EPOLLIN and self.tls.pending():
+        if self.tls is not None and ev & EPOLLIN and tls_pending(self.tls):
             self.loop.call_soon(self.read_pending)
         return 0
 
@@ -1048,6 +1052,7 @@ cdef class Connection(Handle):
 
     cdef int close(self) except -1:
         cdef Deferred task
+        cdef int was = self.state
         if self.state == C_CLOSED:
             return 0
         self.state = C_CLOSED
@@ -1059,6 +1064,8 @@ cdef class Connection(Handle):
                 log.exception(f"ending the answer of the {self.describe()}", exc)
         self.unwatch()
         self.set_deadline(0)
+        if self.tls is not None and was != C_HANDSHAKE:
+            tls_keep_session(self.tls)  # else a TLS 1.2 client cannot resume by session ID
         self.tls = None
         if self.tls_sock is not None:
             self.tls_sock.detach()      # the descriptor is ours to close, once

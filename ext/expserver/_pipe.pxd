@@ -58,3 +58,6 @@ cdef bytes join_bytes(list parts)
 
 
 cdef ssize_t tls_recv(object tls, unsigned char *p, Py_ssize_t n) except -2
+cdef bint tls_pending(object tls) except -1
+cdef void tls_keep_session(object tls)
+cdef bint tls_direct_check(object tls, int fd, bint read_ahead)

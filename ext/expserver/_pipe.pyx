@@ -25,14 +25,129 @@ would block is retried later with the same bytes (``inflight``), as OpenSSL requ
 Ownership: file descriptors in FileSegments belong to the pipe and are closed when sent or
 when the pipe is cleared.
 """
+import os
 import ssl
+import sys
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_WRITE
 from libc.string cimport memcpy
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.ref cimport PyObject
+from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
 from expserver._sys cimport *
 from expserver._access cimport Record
+
+# ---- direct libssl calls on the stdlib's own SSL objects ---------------------------------
+# The stdlib's _ssl._SSLSocket keeps its SSL* right after the object header and a weakref
+# (CPython 3.7-3.13). The functions are looked up through the _ssl module's own handle,
+# so they are the very libssl that made the SSL* (no second OpenSSL in the process); if any
+# is missing, or the layout check in tls_direct_check fails, the stdlib's methods are used.
+cdef extern from *:
+    """
+    typedef struct { PyObject_HEAD PyObject *Socket; void *ssl; } exp_PySSLSocket;
+    """
+    ctypedef struct exp_PySSLSocket:
+        void *ssl
+
+ctypedef int (*f_read_ex)(void *, void *, size_t, size_t *) nogil
+ctypedef int (*f_write_ex)(void *, const void *, size_t, size_t *) nogil
+ctypedef int (*f_ssl_int)(void *) nogil
+ctypedef int (*f_get_error)(void *, int) nogil
+ctypedef void (*f_void)() nogil
+ctypedef unsigned long (*f_ulong)() nogil
+ctypedef void (*f_set_int)(void *, int) nogil
+
+cdef f_read_ex p_read_ex = NULL
+cdef f_write_ex p_write_ex = NULL
+cdef f_get_error p_get_error = NULL
+cdef f_ssl_int p_has_pending = NULL
+cdef f_ssl_int p_get_fd = NULL
+cdef f_void p_clear_error = NULL
+cdef f_ulong p_peek_error = NULL
+cdef f_set_int p_set_read_ahead = NULL
+cdef f_set_int p_set_shutdown = NULL
+cdef bint DIRECT = False
+cdef object SSLSocketType = ssl._ssl._SSLSocket
+
+DEF SSL_ERROR_SSL = 1
+DEF SSL_ERROR_WANT_READ = 2
+DEF SSL_ERROR_WANT_WRITE = 3
+DEF SSL_ERROR_SYSCALL = 5
+DEF SSL_ERROR_ZERO_RETURN = 6
+DEF SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
+
+
+cdef void _load_libssl():
+    global p_read_ex, p_write_ex, p_get_error, p_has_pending, p_get_fd, p_clear_error
+    global p_peek_error, p_set_read_ahead, p_set_shutdown, DIRECT
+    cdef bytes path = ssl._ssl.__file__.encode()
+    cdef void *h = dlopen(path, RTLD_NOW)
+    if h == NULL:
+        return
+    p_read_ex = <f_read_ex>dlsym(h, "SSL_read_ex")
+    p_write_ex = <f_write_ex>dlsym(h, "SSL_write_ex")
+    p_get_error = <f_get_error>dlsym(h, "SSL_get_error")
+    p_has_pending = <f_ssl_int>dlsym(h, "SSL_has_pending")
+    p_get_fd = <f_ssl_int>dlsym(h, "SSL_get_fd")
+    p_clear_error = <f_void>dlsym(h, "ERR_clear_error")
+    p_peek_error = <f_ulong>dlsym(h, "ERR_peek_error")
+    p_set_read_ahead = <f_set_int>dlsym(h, "SSL_set_read_ahead")
+    p_set_shutdown = <f_set_int>dlsym(h, "SSL_set_shutdown")
+    DIRECT = (p_read_ex != NULL and p_write_ex != NULL and p_get_error != NULL and
+              p_has_pending != NULL and p_get_fd != NULL and p_clear_error != NULL and
+              p_peek_error != NULL and p_set_read_ahead != NULL and p_set_shutdown != NULL)
+    # the object layout is known for these versions only; EXPSERVER_TLS_STDLIB=1 forces the
+    # stdlib's methods (the tests run both paths)
+    if not (3, 7) <= sys.version_info[:2] <= (3, 13) or os.environ.get("EXPSERVER_TLS_STDLIB"):
+        DIRECT = False
+
+_load_libssl()
+
+
+cdef inline void *ssl_of(object tls):
+    if DIRECT and type(tls) is SSLSocketType:
+        return (<exp_PySSLSocket *><PyObject *>tls).ssl
+    return NULL
+
+
+cdef bint tls_direct_check(object tls, int fd, bint read_ahead):
+    """Once per connection: the SSL* found is the one on fd (else direct calls are off for
+    good); with read_ahead, OpenSSL reads whole records (and what follows) in one recv."""
+    global DIRECT
+    cdef void *s = ssl_of(tls)
+    if s == NULL:
+        return False
+    if p_get_fd(s) != fd:
+        DIRECT = False
+        return False
+    if read_ahead:
+        p_set_read_ahead(s, 1)
+    return True
+
+
+cdef void tls_keep_session(object tls):
+    """Before the SSL object is freed: mark both directions shut (no syscall, as nginx does),
+    because OpenSSL drops from its cache the session of a connection freed without
+    SSL_SENT_SHUTDOWN -- and OpenSSL 3.0 clears that flag when, with
+    OP_IGNORE_UNEXPECTED_EOF, a read meets the peer's EOF after our close_notify."""
+    cdef void *s = ssl_of(tls)
+    if s != NULL:
+        p_set_shutdown(s, 3)            # SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN
+        return
+    try:
+        tls.shutdown()                  # sends close_notify (and sets the flag)
+    except Exception:
+        pass
+
+
+cdef bint tls_pending(object tls) except -1:
+    """Bytes OpenSSL holds that the socket will not announce again (decrypted or not)."""
+    cdef void *s = ssl_of(tls)
+    if s != NULL:
+        return p_has_pending(s) != 0
+    return tls.pending() > 0
 
 DEF MAX_IOV = 64
 DEF SENDFILE_CHUNK = 1048576
@@ -48,6 +163,28 @@ cdef ssize_t tls_recv(object tls, unsigned char *p, Py_ssize_t n) except -2:
     """``recv`` over TLS into p[:n]: bytes read, 0 at the end, or -1 with errno (EAGAIN:
     nothing decrypted yet; ECONNRESET: a TLS error)."""
     global errno
+    cdef void *s = ssl_of(tls)
+    cdef size_t got = 0
+    cdef int rc, e
+    if s != NULL:
+        p_clear_error()
+        rc = p_read_ex(s, p, n, &got)
+        if rc == 1:
+            return got
+        e = p_get_error(s, rc)
+        if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
+            errno = EAGAIN
+            return -1
+        if e == SSL_ERROR_ZERO_RETURN:
+            return 0
+        if e == SSL_ERROR_SSL and (p_peek_error() & 0x7FFFFF) == SSL_R_UNEXPECTED_EOF_WHILE_READING:
+            p_clear_error()
+            return 0                    # the stdlib's SSLEOFError
+        if e == SSL_ERROR_SYSCALL and errno == 0:
+            return 0
+        p_clear_error()
+        errno = ECONNRESET
+        return -1
     try:
         return tls.read(n, PyMemoryView_FromMemory(<char *>p, n, PyBUF_WRITE))
     except SSLWantReadError:
@@ -372,15 +509,11 @@ cdef class Pipe:
                     return FLUSH_DONE
                 if chunk is False:
                     return FLUSH_ERROR
-            try:
-                n = tls.write(chunk)
-            except SSLWantWriteError:
+            n = _direct_write(tls, chunk) if ssl_of(tls) != NULL else _stdlib_write(tls, chunk)
+            if n == -1:
                 self.inflight = chunk
                 return FLUSH_AGAIN
-            except SSLWantReadError:
-                self.inflight = chunk
-                return FLUSH_AGAIN
-            except (SSLError, OSError):
+            if n == -2:
                 return FLUSH_ERROR
             self.inflight = None
             if self.inflight_file:
@@ -390,3 +523,35 @@ cdef class Pipe:
                 self.sent += n
             else:
                 self.advance(n)
+
+
+cdef Py_ssize_t _stdlib_write(object tls, object chunk) except -3:
+    """The same through the stdlib's method (no direct libssl calls)."""
+    try:
+        return tls.write(chunk)
+    except (SSLWantWriteError, SSLWantReadError):
+        return -1
+    except (SSLError, OSError):
+        return -2
+
+
+cdef Py_ssize_t _direct_write(object tls, object chunk) except -3:
+    """SSL_write_ex of a bytes or memoryview chunk: bytes written, -1 (retry the same chunk
+    later) or -2 (the connection is broken)."""
+    cdef Py_buffer buf
+    cdef size_t written = 0
+    cdef int rc, e
+    cdef void *s = ssl_of(tls)
+    PyObject_GetBuffer(chunk, &buf, PyBUF_SIMPLE)
+    try:
+        p_clear_error()
+        rc = p_write_ex(s, buf.buf, buf.len, &written)
+    finally:
+        PyBuffer_Release(&buf)
+    if rc == 1:
+        return written
+    e = p_get_error(s, rc)
+    if e == SSL_ERROR_WANT_WRITE or e == SSL_ERROR_WANT_READ:
+        return -1
+    p_clear_error()
+    return -2

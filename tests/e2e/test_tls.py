@@ -403,3 +403,17 @@ def test_check_refuses_a_missing_certificate_file(tmp_path, pki):
     out = run_check(tmp_path, {"cert": str(tmp_path / "nope.crt"), "key": pki.files["a.test"][1]})
     assert out.returncode == 1
     assert "servers[0].tls.cert:" in out.stderr and "nope.crt" in out.stderr
+
+
+def test_the_stdlib_tls_path_serves_the_same(serve, pki, monkeypatch):
+    """EXPSERVER_TLS_STDLIB=1: reads and writes through the ssl module's methods instead of
+    libssl's functions on the same objects (the path for Pythons of unknown layout)."""
+    monkeypatch.setenv("EXPSERVER_TLS_STDLIB", "1")
+    run = serve()
+    size = 3 << 20
+    (run.root / "m.bin").write_bytes(bytes(range(256)) * (size // 256))
+    with tls_connect(run.tls_port, pki.client(), "a.test") as sock:
+        for _ in range(3):
+            status, _, body = get(sock, "/m.bin")
+            assert status == 200 and body == bytes(range(256)) * (size // 256)
+        assert get(sock)[2] == b"hello over tls\n"
