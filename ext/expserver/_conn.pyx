@@ -98,6 +98,10 @@ cdef bytes PLAIN_ON_TLS = (
     b"<!DOCTYPE html>\n<html>\n<head><title>400 Bad Request</title></head>\n<body>\n"
     b"<h1>400 Bad Request</h1>\n<p>The plain HTTP request was sent to HTTPS port</p>\n"
     b"<hr><p>eXpServer</p>\n</body>\n</html>\n")
+# what a connection was doing when its deadline passed, by state (C_HANDSHAKE first)
+cdef tuple TIMED_OUT = ("in the TLS handshake", "while idle", "reading the request head",
+                        "reading the request body", "waiting for its answer", "in a tunnel",
+                        "sending its last answers", "lingering", "closed")
 cdef object _socket = socket.socket
 cdef object SOCK_STREAM_ = socket.SOCK_STREAM
 cdef object SSLWantReadError = ssl.SSLWantReadError
@@ -482,6 +486,9 @@ cdef class Connection(Handle):
             self.close()
             return 0
         self.core.stats.conn_timeout += 1
+        if st != C_IDLE and log.enabled("info"):     # an idle keep-alive ending is routine
+            log.info(f"the {self.describe()} timed out "
+                     f"{'sending the answer' if self.blocked else TIMED_OUT[st + 1]}")
         if st == C_HEAD and not self.blocked:
             self.fail(408)                    # a head was started and not finished
         else:

@@ -56,6 +56,7 @@ ACTIVE (taken again) ... -> CLOSED. An idle upstream that speaks, closes or outl
 
 Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
 """
+import os
 import socket
 import ssl
 
@@ -254,6 +255,13 @@ cdef class ProxyRoute:
             up.pool.idle.remove(up)
 
 
+cdef str INVALID_HEAD = "sent an invalid response head"
+
+
+cdef str _errno_reason(str doing, int err):
+    return f"{doing} failed: {os.strerror(err) if err else 'connection closed'}"
+
+
 cdef inline Exchange _ex(Upstream up):
     """The upstream's exchange as a new reference: a call into it may release the upstream,
     which drops ``up.ex``, and a cdef method holds no reference to its own ``self``."""
@@ -277,6 +285,7 @@ cdef class Upstream(Handle):
     cdef ResponseHead head
     cdef Py_ssize_t fields_start   # where the field lines begin (after the status line)
     cdef bint body_started
+    cdef int connect_errno     # why a connect failed before any event (0: did not resolve)
 
     def __dealloc__(self):
         if self.rbuf != NULL:
@@ -285,6 +294,7 @@ cdef class Upstream(Handle):
     cdef int connect(self, object addr) except -1:
         if addr is None:            # the name did not resolve at start-up
             self.state = U_CONNECTING
+            self.connect_errno = 0
             self.loop.call_soon(self.connect_failed)
             return 0
         family, sockaddr = addr
@@ -295,10 +305,12 @@ cdef class Upstream(Handle):
             self.fd = self.sock.fileno()
             err = self.sock.connect_ex(sockaddr)
             self.watch(EPOLLOUT)
-        except OSError:             # out of descriptors, or an address the kernel refuses
+        except OSError as e:        # out of descriptors, or an address the kernel refuses
+            self.connect_errno = e.errno or 5     # EIO
             self.loop.call_soon(self.connect_failed)
             return 0
         if err not in (0, 115):    # 115: EINPROGRESS; anything else failed at once
+            self.connect_errno = err
             self.loop.call_soon(self.connect_failed)
             return 0
         self.set_deadline(self.loop.now + self.route.connect_timeout)
@@ -320,7 +332,8 @@ cdef class Upstream(Handle):
 
     def connect_failed(self):
         if self.ex is not None and self.state == U_CONNECTING:
-            _ex(self).upstream_failed(self, False, 502)
+            _ex(self).upstream_failed(self, False, 502, _errno_reason(
+                "connect", self.connect_errno) if self.connect_errno else "does not resolve")
 
     cdef int on_events(self, uint32_t events) except -1:
         cdef int err
@@ -331,7 +344,7 @@ cdef class Upstream(Handle):
         if self.state == U_CONNECTING:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err or events & (EPOLLERR | EPOLLHUP):
-                _ex(self).upstream_failed(self, False, 502)
+                _ex(self).upstream_failed(self, False, 502, _errno_reason("connect", err))
                 return 0
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.peer in self.route.tls_names:
@@ -354,7 +367,7 @@ cdef class Upstream(Handle):
         if not self.paused and events & (EPOLLIN | EPOLLERR | EPOLLHUP):
             self.read()
         elif self.paused and events & (EPOLLERR | EPOLLHUP):
-            _ex(self).on_upstream_error(self)     # reset while we were not reading
+            _ex(self).on_upstream_error(self, ECONNRESET)     # reset while we were not reading
         return 0
 
     cdef int handshake(self) except -1:
@@ -368,9 +381,8 @@ cdef class Upstream(Handle):
             self.watch(EPOLLOUT)
             return 0
         except (ssl.SSLError, OSError) as exc:
-            log.error(f"upstream {self.peer.address}: TLS handshake failed: "
-                      f"{getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc}")
-            _ex(self).upstream_failed(self, False, 502)
+            _ex(self).upstream_failed(self, False, 502, "TLS handshake failed: " + str(
+                getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc))
             return 0
         self.state = U_ACTIVE
         self.flush()
@@ -382,10 +394,21 @@ cdef class Upstream(Handle):
             self.close()
         elif self.ex is not None:
             _ex(self).upstream_failed(self, self.state != U_CONNECTING and
-                                      self.state != U_HANDSHAKE, 504)
+                                      self.state != U_HANDSHAKE, 504, self.timeout_reason())
         else:
             self.close()
         return 0
+
+    cdef str timeout_reason(self):
+        if self.state == U_CONNECTING:
+            return f"timed out connecting (connect_timeout {self.route.connect_timeout:g} s)"
+        if self.state == U_HANDSHAKE:
+            return f"timed out in the TLS handshake (connect_timeout {self.route.connect_timeout:g} s)"
+        if not self.out.empty():
+            return f"timed out taking the request (upstream_send_timeout {self.route.send_timeout:g} s)"
+        if self.head is None:
+            return f"timed out before its response head (upstream_read_timeout {self.route.read_timeout:g} s)"
+        return f"went silent mid-response (upstream_read_timeout {self.route.read_timeout:g} s)"
 
     cdef int flush(self) except -1:
         cdef Exchange ex = self.ex
@@ -393,7 +416,8 @@ cdef class Upstream(Handle):
         cdef long long before = self.out.sent
         cdef int r = self.out.flush(self.fd) if self.tls is None else self.out.flush_tls(self.tls)
         if r == FLUSH_ERROR:
-            ex.upstream_failed(self, self.out.sent > 0 or self.reused, 502)
+            ex.upstream_failed(self, self.out.sent > 0 or self.reused, 502,
+                               _errno_reason("sending the request", errno))
             return 0
         if r == FLUSH_AGAIN:
             self.watch((0 if self.paused else EPOLLIN) | EPOLLOUT)
@@ -416,7 +440,8 @@ cdef class Upstream(Handle):
             self.rstart = self.rend = 0
         if self.rend == LARGE_BUFFER:
             if self.rstart == 0:
-                _ex(self).upstream_failed(self, True, 502)    # a head larger than the buffer
+                _ex(self).upstream_failed(self, True, 502, "sent a response head larger "
+                                          "than the buffer")
                 return 0
             memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
             self.rend -= self.rstart
@@ -442,7 +467,7 @@ cdef class Upstream(Handle):
         elif n == 0:
             _ex(self).on_upstream_eof(self)
         elif errno != EAGAIN and errno != EINTR:
-            _ex(self).on_upstream_error(self)
+            _ex(self).on_upstream_error(self, errno)
         return 0
 
     def read_pending(self):
@@ -756,13 +781,13 @@ cdef class Exchange(Deferred):
                 lf = <const unsigned char *>memchr(p, 10, n)
                 if lf == NULL:
                     if n > MAX_STATUS_LINE:
-                        return self.upstream_failed(up, True, 502)
+                        return self.upstream_failed(up, True, 502, INVALID_HEAD)
                     return 0
                 if lf == p or (lf - 1)[0] != 13:
-                    return self.upstream_failed(up, True, 502)    # bare LF
+                    return self.upstream_failed(up, True, 502, INVALID_HEAD)    # bare LF
                 up.head = ResponseHead.__new__(ResponseHead)
                 if parse_status_line(p, lf - p - 1, up.head) < 0:
-                    return self.upstream_failed(up, True, 502)
+                    return self.upstream_failed(up, True, 502, INVALID_HEAD)
                 up.fields_start = lf - p + 1
                 up.parser.begin_fields(up.fields_start)
             rc = up.parser.scan_head(p, n)
@@ -770,11 +795,11 @@ cdef class Exchange(Deferred):
                 return 0
             used = up.parser.pos
             if rc < 0 or scan_fields(p, up.fields_start, used, up.head) < 0:
-                return self.upstream_failed(up, True, 502)
+                return self.upstream_failed(up, True, 502, INVALID_HEAD)
             fields_start, up.fields_start = up.fields_start, 0
             if up.head.status == 101:
                 if not self.upgrade:
-                    return self.upstream_failed(up, True, 502)   # unasked-for switch
+                    return self.upstream_failed(up, True, 502, "switched protocols unasked")
                 up.rstart += used
                 self.start_tunnel(up, p, fields_start, used)
                 break
@@ -792,7 +817,7 @@ cdef class Exchange(Deferred):
             chunks = []
             used = up.parser.feed_body(up.rbuf + up.rstart, up.rend - up.rstart, chunks)
             if used < 0:
-                return self.cut(up)      # invalid framing mid-body: never a fake end
+                return self.cut(up, "sent an invalid body")    # never a fake end
             up.rstart += used
             self.relay(chunks)
             if up.parser.body_done():
@@ -884,17 +909,19 @@ cdef class Exchange(Deferred):
             if up.head.length < 0 and not up.head.chunked and not self.no_body:
                 up.parser.bstate = 0
                 return self.complete(up)
-            return self.cut(up)
+            return self.cut(up, "closed the connection before the end of the body")
         # reset, empty reply, or a head cut short: the request was sent
-        return self.upstream_failed(up, True, 502)
+        return self.upstream_failed(up, True, 502, "closed the connection before the "
+                                    "end of the response head" if up.rend > up.rstart else
+                                    "closed the connection without a response")
 
-    cdef int on_upstream_error(self, Upstream up) except -1:
+    cdef int on_upstream_error(self, Upstream up, int err) except -1:
         """A reset or a socket error: never the end of a body, whatever its framing."""
         if self.state == X_DONE:
             return 0
         if self.state != X_AWAIT:
-            return self.cut(up)
-        return self.upstream_failed(up, True, 502)
+            return self.cut(up, _errno_reason("reading the body", err))
+        return self.upstream_failed(up, True, 502, _errno_reason("reading the response", err))
 
     cdef int complete(self, Upstream up) except -1:
         """The whole response is in the client's pipe."""
@@ -911,8 +938,12 @@ cdef class Exchange(Deferred):
         (<Connection>conn).task_done(not self.close_down)
         return 0
 
-    cdef int cut(self, Upstream up) except -1:
-        """The response cannot be completed: close the client connection, no fake end."""
+    cdef int cut(self, Upstream up, str why) except -1:
+        """The response cannot be completed: close the client connection, no fake end.
+        ``why``: what the upstream did, for the error log (None: logged by the caller)."""
+        if why is not None and up is not None:
+            log.error(f"upstream {up.peer.address} {why}; the response to {self.describe()} "
+                      "was cut short")
         self.state = X_DONE
         self.outcome = O_CUT
         if up is not None:
@@ -937,7 +968,7 @@ cdef class Exchange(Deferred):
         else:
             up.close()
 
-    cdef int upstream_failed(self, Upstream up, bint sent, int status) except -1:
+    cdef int upstream_failed(self, Upstream up, bint sent, int status, str why) except -1:
         """Connecting, writing or reading the head failed (``sent``: the request, or part
         of it, reached the upstream). Retry on the next peer when that is safe: nothing was
         sent, or the request is idempotent and has no body (nginx's proxy_next_upstream)."""
@@ -945,11 +976,17 @@ cdef class Exchange(Deferred):
             up.close()
             return 0
         if self.state != X_AWAIT:
-            return self.cut(up)
+            return self.cut(up, why)
         # a pooled connection the upstream had closed says nothing about the peer's health:
         # the same peer is tried again on a new connection
         cdef bint stale = up.reused and sent and status == 502
         cdef object peer = up.peer
+        if stale:
+            if log.enabled("debug"):
+                log.debug(f"upstream {peer.address} {why} on a pooled connection; "
+                          f"retrying {self.describe()} on a new one")
+        else:
+            log.error(f"upstream {peer.address} {why} ({self.describe()})")
         self.release(up, False, not stale)
         self.last_status = status
         if not sent or (self.idempotent and not self.has_body):
@@ -984,7 +1021,7 @@ cdef class Exchange(Deferred):
             if self.up is not None:
                 self.release(self.up, False, False)
             return self.fail(502)
-        return self.cut(self.up)
+        return self.cut(self.up, None)
 
     cdef str describe(self):
         return f"the exchange for {self.req.method.decode('latin-1')} " \

@@ -120,6 +120,55 @@ def test_usr1_after_logrotate_moved_the_file_writes_a_new_one(start, tmp_path):
     assert lines_of(tmp_path / "access.log.1") == ["/before"]
 
 
+# --------------------------------------------------------------------------- error log
+
+
+def test_the_error_log_says_which_upstream_failed_and_why(start, tmp_path):
+    """A refused and a silent upstream are logged with the peer and the reason, and at
+    info a client's timeout too; nothing of it as a traceback."""
+    errors = tmp_path / "error.log"
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                    # the kernel accepts; nobody ever answers
+    refused = free_port()
+    try:
+        served = start(routes=[
+            {"req_path": "/dead", "type": "reverse_proxy", "upstreams": [f"127.0.0.1:{refused}"]},
+            {"req_path": "/slow", "type": "reverse_proxy", "upstream_read_timeout": 0.5,
+             "upstreams": [f"127.0.0.1:{silent.getsockname()[1]}"]}],
+            header_timeout=0.5, error_log={"path": str(errors), "level": "info"})
+        assert get(served, "/dead")[0] == 502
+        assert get(served, "/slow")[0] == 504
+        with socket.create_connection(("127.0.0.1", served.port)) as stalled:
+            stalled.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")       # never finished
+            assert recv_until_close(stalled).startswith(b"HTTP/1.1 408 ")
+        assert wait_for(lambda: sum("[error]" in line for line in lines_of(errors)) >= 2 and
+                        any("timed out" in line and "[info]" in line for line in lines_of(errors)))
+    finally:
+        silent.close()
+    text = errors.read_text()
+    assert re.search(rf"\[error\] \d+: upstream 127\.0\.0\.1:{refused} connect failed: "
+                     r"Connection refused \(the exchange for GET /dead from 127\.0\.0\.1\)", text)
+    assert re.search(r"\[error\] \d+: upstream 127\.0\.0\.1:\d+ timed out before its response "
+                     r"head \(upstream_read_timeout 0\.5 s\) \(the exchange for GET /slow", text)
+    assert re.search(r"\[info\] \d+: the connection from 127\.0\.0\.1 timed out reading "
+                     r"the request head", text)
+    assert "Traceback" not in text and served.server.stderr == b""
+
+
+def test_the_error_log_level_leaves_out_what_is_below_it(start, tmp_path):
+    errors = tmp_path / "error.log"
+    served = start(routes=[{"req_path": "/", "type": "reverse_proxy",
+                            "upstreams": [f"127.0.0.1:{free_port()}"]}],
+                   header_timeout=0.5, error_log={"path": str(errors), "level": "error"})
+    with socket.create_connection(("127.0.0.1", served.port)) as stalled:
+        stalled.sendall(b"GET / HTTP/1.1\r\n")
+        assert recv_until_close(stalled).startswith(b"HTTP/1.1 408 ")
+    assert get(served)[0] == 502
+    assert wait_for(lambda: any("[error]" in line for line in lines_of(errors)))
+    assert not [line for line in lines_of(errors) if "[error]" not in line]
+
+
 # --------------------------------------------------------------------------- reload
 
 
