@@ -90,3 +90,19 @@ def test_kubernetes_probes_and_stop_follow_the_config(tmp_path):
     assert "sleep" in stop and "expserver quit -c /etc/expserver/expserver.json" in stop
     assert pod["terminationGracePeriodSeconds"] > cfg.drain_timeout + 5
     assert docs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_the_wheel_holds_every_package_of_the_source():
+    """`pip install .` (the README's first command, and the Dockerfile) installs what
+    pyproject.toml lists, not the checkout: a subpackage it leaves out would import here,
+    from the source tree, and fail for every user."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(find_packages(str(ROOT), include=settings["packages"]["find"]["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "expserver").rglob("__init__.py")}
+    assert "expserver.config" in on_disk
+    assert listed == on_disk
