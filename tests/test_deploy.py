@@ -97,7 +97,6 @@ def test_the_wheel_holds_every_package_of_the_source():
     pyproject.toml lists, not the checkout: a subpackage it leaves out would import here,
     from the source tree, and fail for every user."""
     import tomllib
-
     from setuptools import find_packages
 
     settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]

@@ -50,9 +50,11 @@ States (``Exchange.state``; nothing else moves them)::
     any     the client goes away               -> DONE (aborted): the upstream connection
                                                   is closed (not the peer's fault)
 
-An ``Upstream`` is CONNECTING -> ACTIVE (its exchange's) -> IDLE (in its peer's pool) ->
-ACTIVE (taken again) ... -> CLOSED. An idle upstream that speaks, closes or outlives
-``idle_timeout`` is closed and forgotten by the pool.
+An ``Upstream`` is CONNECTING -> [HANDSHAKE, https:// peers] -> ACTIVE (its exchange's) ->
+IDLE (in its peer's pool) -> ACTIVE (taken again) ... -> CLOSED; connecting and the
+handshake share ``connect_timeout``. An idle upstream that speaks, closes or outlives
+``idle_timeout`` is closed and forgotten by the pool. Every failure of an active one is
+logged with the peer and why (``upstream_failed``, ``cut``).
 
 Ownership: an Upstream belongs to its Exchange while active, to its route's pool while idle.
 """
