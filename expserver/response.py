@@ -11,7 +11,10 @@
   ``bytes`` chunks (sent chunked, or close-delimited to HTTP/1.0 clients); or ``None``.
 
 For HEAD the handler returns what GET would return (so Content-Length matches) and the
-connection drops the body; a :class:`FileRange` with ``fd == -1`` is fine for HEAD.
+connection drops the body; a :class:`FileRange` with ``fd == -1`` is fine for HEAD. The
+connection closes a FileRange's descriptor once sent (or dropped), unless the FileRange
+names an :class:`OpenFile` as ``shared``: that descriptor is the OpenFile's, closed when the
+last answer sending it and its owner (a cache) let go of it.
 
 **Answer later**: an instance of :class:`Later` (or a compiled deferred such as the proxy's
 exchange). The connection calls ``started(req)``, passes the request body to ``body(data,
@@ -29,11 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ._conn import Later
-from ._pipe import FileRange
+from ._pipe import FileRange, OpenFile
 
 Answer = tuple[int, bytes, object]
 
-__all__ = ["Answer", "FileRange", "Later", "ReadBody"]
+__all__ = ["Answer", "FileRange", "Later", "OpenFile", "ReadBody"]
 
 
 _TOO_BIG = (413, b"Content-Type: text/plain\r\n", b"request body too large\n")

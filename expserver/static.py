@@ -11,9 +11,14 @@ bounded by clearing when full (cheap; a client cycling paths only costs recomput
 * ``_metas``: one version of one file -> :class:`_Meta` (ETag, Last-Modified, prebuilt header
   blocks), keyed by path and checked against ``(ino, mtime_ns, size)`` of the current stat.
 
-A plain file hit costs one dict lookup, one ``os.lstat``, one ``os.open`` (GET only: HEAD
-answers ``FileRange(-1, ...)``) and a few header lookups: no regex, no str decoding, headers
-concatenated from cached pieces.
+* ``_open``: path -> the version and an :class:`OpenFile` of a large file served lately
+  (nginx's ``open_file_cache``), so a hit needs no ``open``/``close``: up to ``_MAX_OPEN``
+  descriptors per route, replaced when the lstat shows another version, dropped when the
+  file is gone (a deleted file's space is not held by the next request's 404).
+
+A plain file hit costs one dict lookup, one ``os.lstat`` and a few header lookups (and an
+``os.open`` for a large file not kept open): no regex, no str decoding, headers
+concatenated from cached pieces. Files up to ``SMALL_FILE`` come from memory.
 
 Path policy (the first failing rule answers)
 --------------------------------------------
@@ -66,7 +71,7 @@ from urllib.parse import quote
 
 from expserver import compression, httpdate, listing, mime
 from expserver.pages import page
-from expserver.response import FileRange
+from expserver.response import FileRange, OpenFile
 
 Response = tuple[int, bytes, object]
 
@@ -75,6 +80,9 @@ _MAX_TARGETS = 8192
 _MAX_CACHED_PATH = 512
 _MAX_METAS = 8192
 _MAX_PARENTS = 4096
+# Descriptors of the large files served lately, kept open for the next requests (nginx's
+# open_file_cache): a hit saves an open and a close. At most this many per route.
+_MAX_OPEN = 64
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _URL_SAFE = "/!$&'()*+,;=:@~"
 
@@ -354,6 +362,7 @@ class FileServe:
         self._cache = compression.shared_cache if cache is None else cache
         self._targets: dict[bytes, _Target | Response] = {}
         self._metas: dict[object, _Meta] = {}
+        self._open: dict[bytes, tuple[tuple[int, int, int], OpenFile]] = {}
         self._parents: dict[bytes, float] = {}
         # the entry point: the plain one, or wrapped by the route's extras (only then)
         fallback = getattr(route, "fallback", None)
@@ -422,6 +431,7 @@ class FileServe:
         except PermissionError:
             return _E403
         except OSError:
+            self._open.pop(path, None)      # deleted: its descriptor must not keep it alive
             return _E404 if target.utf8 else _E400
         mode = st.st_mode
         if stat.S_ISREG(mode):
@@ -613,11 +623,29 @@ class FileServe:
                 if data is None:
                     return _E404
             return (status, headers, data if length == size else data[offset:offset + length])
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except OSError as e:
-            return _open_error(e)
-        return (status, headers, FileRange(fd, offset, length))
+        kept = self._open.get(path)
+        if kept is None or kept[0] != meta.validator:
+            try:
+                fd = os.open(path, _OPEN_FLAGS)
+            except OSError as e:
+                return _open_error(e)
+            kept = self._keep_open(path, meta.validator, fd)
+            if kept is None:
+                return (status, headers, FileRange(fd, offset, length))
+        return (status, headers, FileRange(kept[1].fd, offset, length, kept[1]))
+
+    def _keep_open(self, path: bytes, validator: tuple[int, int, int], fd: int
+                   ) -> tuple[tuple[int, int, int], OpenFile] | None:
+        """Keep ``fd`` for the next requests, if it is the version the lstat saw (else it
+        changed in between, and this answer alone sends it). Answers still sending a
+        replaced or dropped descriptor keep it open until they are done."""
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != validator:
+            return None
+        if len(self._open) >= _MAX_OPEN:
+            self._open.clear()
+        kept = self._open[path] = (validator, OpenFile(fd))
+        return kept
 
     def _read_small(self, path: bytes, meta: _Meta) -> bytes | None:
         try:

@@ -4,7 +4,8 @@ Covered: the backpressure signal (``is_full``: size >= threshold, or a file segm
 source still queued); partial writes on a small socket buffer (flush says "again" and
 resumes at the byte where it stopped); gathering more items than one sendmsg takes; file
 segments sent with sendfile (offset and length honoured, the descriptor closed once sent, by
-``clear()`` and when the pipe goes away; a file that shrinks is an error); iterator sources
+``clear()`` and when the pipe goes away, unless an OpenFile shares it; a file that shrinks is
+an error); iterator sources
 (pulled one chunk at a time, chunked framing or raw); a peer that went away; the ``sent``
 and ``size`` counters.
 """
@@ -15,7 +16,7 @@ import socket
 
 import pytest
 
-from expserver._pipe import Pipe
+from expserver._pipe import OpenFile, Pipe
 
 DONE, AGAIN, ERROR = 0, 1, -1
 SMALL = 4096
@@ -281,6 +282,30 @@ def test_a_pipe_that_goes_away_closes_its_file(data_file):
     pipe = Pipe(100)
     pipe.push_file(fd, 0, 10)
     del pipe
+    assert not is_open(fd)
+
+
+def test_a_shared_descriptor_is_left_to_its_open_file(pair, small_pair, data_file):
+    """An OpenFile's descriptor (the static routes' open-file cache) is sent by several
+    pipes at once, each from its own offset; none closes it, sent or cleared, and it is
+    closed when the OpenFile and the last pipe holding it are gone."""
+    path, content = data_file
+    shared = OpenFile(os.open(path, os.O_RDONLY))
+    fd = shared.fd
+    whole, half = Pipe(1 << 20), Pipe(100)
+    whole.push_file(fd, 0, 100, shared)
+    half.push_file(fd, 50, len(content) - 50, shared)
+    assert whole.flush(pair[0].fileno()) == DONE
+    assert drain(pair[1]) == content[:100]
+    assert half.flush(small_pair[0].fileno()) == AGAIN       # half sent, then dropped
+    half.clear()
+    assert is_open(fd)
+    again = Pipe(1 << 20)
+    again.push_file(fd, 10, 20, shared)
+    del shared                                  # the cache let go; the pipe still sends it
+    assert is_open(fd)
+    assert again.flush(pair[0].fileno()) == DONE
+    assert drain(pair[1]) == content[10:30]
     assert not is_open(fd)
 
 

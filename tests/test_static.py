@@ -87,7 +87,8 @@ def _read(body: object) -> bytes | None:
         try:
             return os.pread(body.fd, body.length, body.offset)
         finally:
-            os.close(body.fd)
+            if body.shared is None:     # else the route's open-file cache holds it
+                os.close(body.fd)
     assert isinstance(body, Iterator)
     return b"".join(body)
 
@@ -186,6 +187,48 @@ def test_large_file_goes_out_with_sendfile(fs: FileServe, site: Path) -> None:
     assert isinstance(a.raw_body, FileRange)
     assert (a.raw_body.offset, a.raw_body.length) == (0, len(big))
     assert a.body == big
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_large_files_stay_open_for_the_next_requests(fs: FileServe, site: Path) -> None:
+    """nginx's open_file_cache: one descriptor per version of a large file, shared by the
+    answers sending it, replaced when the file is, closed once nobody sends it."""
+    big = site / "big.bin"
+    big.write_bytes(b"a" * (SMALL_FILE + 1))
+    first, second = call(fs, b"/big.bin"), call(fs, b"/big.bin")
+    assert first.raw_body.shared is not None and first.raw_body.shared is second.raw_body.shared
+    assert first.raw_body.fd == second.raw_body.fd == first.raw_body.shared.fd
+    kept = first.raw_body.shared
+    new = site / "big.new"
+    new.write_bytes(b"b" * (SMALL_FILE + 7))
+    new.rename(big)                             # a deploy: a new inode under the same name
+    third = call(fs, b"/big.bin")
+    assert third.body == b"b" * (SMALL_FILE + 7) and third.raw_body.shared is not kept
+    fd = kept.fd
+    assert fd_is_open(fd)                       # the earlier answers may still be sending it
+    del first, second, kept
+    assert not fd_is_open(fd)                   # ... and once they are done, it is closed
+    fd = third.raw_body.shared.fd
+    del third
+    big.unlink()
+    assert call(fs, b"/big.bin").status == 404
+    assert not fd_is_open(fd)                   # a deleted file is not kept alive
+
+
+def test_the_open_file_cache_is_bounded(fs: FileServe, site: Path) -> None:
+    from expserver.static import _MAX_OPEN
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(3 * _MAX_OPEN):
+        (site / f"f{i}.bin").write_bytes(b"x" * (SMALL_FILE + 1))
+        assert call(fs, f"/f{i}.bin".encode()).status == 200
+    assert len(os.listdir("/proc/self/fd")) - before <= _MAX_OPEN
 
 
 def test_head_does_not_open(fs: FileServe) -> None:

@@ -805,8 +805,9 @@ cdef class Connection(Handle):
         elif t is FileRange:
             if (<FileRange>body).length > 0:
                 self.out.push_file((<FileRange>body).fd, (<FileRange>body).offset,
-                                   (<FileRange>body).length)
+                                   (<FileRange>body).length, (<FileRange>body).shared)
                 (<FileRange>body).fd = -1   # the pipe's now: it closes it, nothing else may
+                (<FileRange>body).shared = None
             else:
                 self.close_file(body)
         else:
@@ -878,9 +879,10 @@ cdef class Connection(Handle):
         return 0
 
     cdef void close_file(self, FileRange fr):
-        if fr.fd >= 0:
+        if fr.fd >= 0 and fr.shared is None:
             close(fr.fd)
-            fr.fd = -1
+        fr.fd = -1
+        fr.shared = None
 
     cdef int fail(self, int status) except -1:
         """A request we cannot frame: one error response, then a lingering close."""

@@ -6,16 +6,22 @@ cdef enum FlushResult:
     FLUSH_AGAIN = 1     # the socket is full: wait for EPOLLOUT
     FLUSH_ERROR = -1    # the peer is gone
 
+cdef class OpenFile:
+    cdef readonly int fd
+
+
 cdef class FileRange:
     cdef public int fd
     cdef public long long offset
     cdef public long long length
+    cdef public OpenFile shared   # None: fd is the answer's own; else it belongs to this
 
 
 cdef class FileSegment:
     cdef int fd
     cdef long offset
     cdef long long remaining
+    cdef OpenFile shared          # as in FileRange: who closes fd
 
 @cython.final
 cdef class Pipe:
@@ -30,7 +36,8 @@ cdef class Pipe:
     cdef object inflight          # TLS: the bytes of a write to retry as they are (or None)
     cdef bint inflight_file       # ... taken from the file segment at the head
     cpdef int push(self, bytes data) except -1
-    cpdef int push_file(self, int fd, long offset, long long length) except -1
+    cpdef int push_file(self, int fd, long offset, long long length,
+                        OpenFile shared=*) except -1
     cpdef int push_source(self, object iterator, bint chunked) except -1
     cdef int push_record(self, Record record) except -1
     cdef int reach(self, Record record) except -1
@@ -55,6 +62,7 @@ cdef class Pipe:
 
 
 cdef bytes join_bytes(list parts)
+cdef void let_go(FileSegment seg)
 
 
 cdef ssize_t tls_recv(object tls, unsigned char *p, Py_ssize_t n) except -2

@@ -216,14 +216,31 @@ cdef bytes join_bytes(list parts):
     return out
 
 
+cdef class OpenFile:
+    """A descriptor that several answers send at once (a static route's open-file cache):
+    closed when the last of them, and the cache, let go of it. sendfile and pread take
+    their own offsets, so sharing one descriptor is safe."""
+
+    def __cinit__(self, int fd):
+        self.fd = fd
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+    def __repr__(self):
+        return f"OpenFile(fd={self.fd})"
+
+
 cdef class FileRange:
     """A handler's body: ``length`` bytes of open file ``fd`` from ``offset`` (see
-    expserver/response.py); the connection closes ``fd``."""
+    expserver/response.py); the connection closes ``fd``, unless it is ``shared``'s."""
 
-    def __init__(self, int fd, long long offset, long long length):
+    def __init__(self, int fd, long long offset, long long length, OpenFile shared=None):
         self.fd = fd
         self.offset = offset
         self.length = length
+        self.shared = shared
 
     def __repr__(self):
         return f"FileRange(fd={self.fd}, offset={self.offset}, length={self.length})"
@@ -231,6 +248,16 @@ cdef class FileRange:
 
 cdef class FileSegment:
     pass
+
+
+cdef void let_go(FileSegment seg):
+    """The segment is sent or dropped: its descriptor is closed, or its OpenFile released."""
+    if seg.shared is None:
+        if seg.fd >= 0:
+            close(seg.fd)
+    else:
+        seg.shared = None
+    seg.fd = -1
 
 
 cdef class _Source:
@@ -268,9 +295,11 @@ cdef class Pipe:
             self.size += len(data)
         return 0
 
-    cpdef int push_file(self, int fd, long offset, long long length) except -1:
+    cpdef int push_file(self, int fd, long offset, long long length,
+                        OpenFile shared=None) except -1:
         cdef FileSegment seg = FileSegment.__new__(FileSegment)
         seg.fd = fd
+        seg.shared = shared
         seg.offset = offset
         seg.remaining = length
         self.items.append(seg)
@@ -304,9 +333,8 @@ cdef class Pipe:
         if self.items is None:
             return
         for item in self.items[self.head:]:
-            if type(item) is FileSegment and (<FileSegment>item).fd >= 0:
-                close((<FileSegment>item).fd)
-                (<FileSegment>item).fd = -1
+            if type(item) is FileSegment:
+                let_go(<FileSegment>item)
             elif type(item) is Record:
                 try:
                     self.reach(<Record>item)     # a response cut short: what went out
@@ -406,8 +434,7 @@ cdef class Pipe:
                         return FLUSH_ERROR
                     seg.remaining -= r
                     self.sent += r
-                close(seg.fd)
-                seg.fd = -1
+                let_go(seg)
                 self.streams -= 1
                 items[self.head] = None
                 self.head += 1
@@ -476,8 +503,7 @@ cdef class Pipe:
             if type(item) is FileSegment:
                 seg = <FileSegment>item
                 if seg.remaining == 0:
-                    close(seg.fd)
-                    seg.fd = -1
+                    let_go(seg)
                     self.streams -= 1
                     items[self.head] = None
                     self.head += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import socket
 import subprocess
 import time
 from email.utils import formatdate, parsedate_to_datetime
@@ -452,6 +453,51 @@ def test_big_file_via_http_client(big):
         assert resp.read() == data[1_000_000:2_000_000]
     finally:
         conn.close()
+
+
+def test_a_big_file_replaced_or_deleted_while_kept_open(start):
+    """Large files stay open between requests (nginx's open_file_cache): a file replaced
+    under its name is served new at once, one deleted gets 404 and is no longer held open
+    (its disk space is freed), and concurrent downloads of one file share one descriptor."""
+    served = start()
+    data = random.Random(5).randbytes(32 << 20)    # more than the socket buffers hold
+    (served.root / "big.bin").write_bytes(data)
+    pid = served.server.worker_pid
+
+    def open_files() -> list[str]:
+        fds = Path(f"/proc/{pid}/fd")
+        return [os.readlink(fds / n) for n in os.listdir(fds) if (fds / n).exists()]
+
+    readers = []
+    for _ in range(4):                  # four downloads in flight on one file
+        sock = served.connect()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers.append(sock)
+    time.sleep(0.3)
+    big_path = str((served.root / "big.bin").resolve())
+    assert open_files().count(big_path) == 1
+    new = random.Random(6).randbytes(BIG)
+    (served.root / "big.new").write_bytes(new)
+    (served.root / "big.new").rename(served.root / "big.bin")
+    assert get(served, "/big.bin")[2] == new
+    for sock in readers:                # the old version, whole, to those who asked for it
+        sock.settimeout(10)
+        got = bytearray()
+        while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + len(data):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body == data
+        sock.close()
+    (served.root / "big.bin").unlink()
+    assert get(served, "/big.bin")[0] == 404
+    deadline = time.monotonic() + 5
+    while any(big_path in link for link in open_files()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [link for link in open_files() if big_path in link]
 
 
 # -- HEAD --------------------------------------------------------------------------------------
