@@ -9,7 +9,7 @@ bounded by clearing when full (cheap; a client cycling paths only costs recomput
 * ``_targets``: raw request path -> :class:`_Target` (filesystem path, decoded URL path, media
   type) or a ready error response. Everything that depends only on the path is done once.
 * ``_metas``: one version of one file -> :class:`_Meta` (ETag, Last-Modified, prebuilt header
-  blocks), keyed by path and checked against ``(ino, mtime_ns, size)`` of the current stat.
+  blocks), keyed by path and checked against ``(ino, mtime_ns, size, ctime_ns)`` of the current stat.
 
 * ``_open``: path -> the version and an :class:`OpenFile` of a large file served lately
   (nginx's ``open_file_cache``), so a hit needs no ``open``/``close``: up to ``_MAX_OPEN``
@@ -191,7 +191,7 @@ class _Meta:
 
     def __init__(
         self,
-        validator: tuple[int, int, int],
+        validator: tuple[int, int, int, int],
         st: os.stat_result,
         ctype: bytes,
         encoding: bytes,
@@ -362,7 +362,7 @@ class FileServe:
         self._cache = compression.shared_cache if cache is None else cache
         self._targets: dict[bytes, _Target | Response] = {}
         self._metas: dict[object, _Meta] = {}
-        self._open: dict[bytes, tuple[tuple[int, int, int], OpenFile]] = {}
+        self._open: dict[bytes, tuple[tuple[int, int, int, int], OpenFile]] = {}
         self._parents: dict[bytes, float] = {}
         # the entry point: the plain one, or wrapped by the route's extras (only then)
         fallback = getattr(route, "fallback", None)
@@ -570,7 +570,8 @@ class FileServe:
     def _meta(
         self, key: object, st: os.stat_result, ctype: bytes, encoding: bytes, vary: bool
     ) -> _Meta:
-        validator = (st.st_ino, st.st_mtime_ns, st.st_size)
+        # ctime too: a chmod or chown must be seen (the file may no longer be ours to send)
+        validator = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
         meta = self._metas.get(key)
         # ctype too: a symlink is typed by its own name, so one file can carry two types.
         if meta is None or meta.validator != validator or meta.ctype != ctype:
@@ -634,13 +635,13 @@ class FileServe:
                 return (status, headers, FileRange(fd, offset, length))
         return (status, headers, FileRange(kept[1].fd, offset, length, kept[1]))
 
-    def _keep_open(self, path: bytes, validator: tuple[int, int, int], fd: int
-                   ) -> tuple[tuple[int, int, int], OpenFile] | None:
+    def _keep_open(self, path: bytes, validator: tuple[int, int, int, int], fd: int
+                   ) -> tuple[tuple[int, int, int, int], OpenFile] | None:
         """Keep ``fd`` for the next requests, if it is the version the lstat saw (else it
         changed in between, and this answer alone sends it). Answers still sending a
         replaced or dropped descriptor keep it open until they are done."""
         st = os.fstat(fd)
-        if (st.st_ino, st.st_mtime_ns, st.st_size) != validator:
+        if (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns) != validator:
             return None
         if len(self._open) >= _MAX_OPEN:
             self._open.clear()

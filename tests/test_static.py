@@ -215,8 +215,11 @@ def test_large_files_stay_open_for_the_next_requests(fs: FileServe, site: Path) 
     assert fd_is_open(fd)                       # the earlier answers may still be sending it
     del first, second, kept
     assert not fd_is_open(fd)                   # ... and once they are done, it is closed
-    fd = third.raw_body.shared.fd
-    del third
+    os.chmod(big, 0o600)                        # a chmod is another version too
+    fourth = call(fs, b"/big.bin")
+    assert fourth.raw_body.shared is not third.raw_body.shared
+    fd = fourth.raw_body.shared.fd
+    del third, fourth
     big.unlink()
     assert call(fs, b"/big.bin").status == 404
     assert not fd_is_open(fd)                   # a deleted file is not kept alive
