@@ -473,17 +473,15 @@ def test_a_big_file_replaced_or_deleted_while_kept_open(start):
         sock = served.connect()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
-        readers.append(sock)
-    time.sleep(0.3)
+        sock.settimeout(10)
+        readers.append((sock, bytearray(sock.recv(4096))))     # each one is being answered
     big_path = str((served.root / "big.bin").resolve())
     assert open_files().count(big_path) == 1
     new = random.Random(6).randbytes(BIG)
     (served.root / "big.new").write_bytes(new)
     (served.root / "big.new").rename(served.root / "big.bin")
     assert get(served, "/big.bin")[2] == new
-    for sock in readers:                # the old version, whole, to those who asked for it
-        sock.settimeout(10)
-        got = bytearray()
+    for sock, got in readers:           # the old version, whole, to those who asked for it
         while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + len(data):
             chunk = sock.recv(1 << 20)
             if not chunk:
