@@ -239,20 +239,40 @@ def process_name(pid: int) -> str:
 # --------------------------------------------------------------------------- configs
 
 
-def write_nginx_conf(path: Path, workdir: Path, root: Path, plain_port: int,
-                     gzip_port: int | None = None, worker_connections: int = 4096,
-                     rlimit_nofile: int | None = None,
-                     gzip_static_port: int | None = None) -> None:
-    """A minimal nginx.conf: one worker, everything (pid, logs, temp files) under workdir.
+def nginx_conf(workdir: Path, http: str, *, name: str = "nginx", worker_connections: int = 4096,
+               rlimit_nofile: int | None = None) -> str:
+    """An nginx.conf around the ``http`` block's own directives: one worker, and everything
+    it writes (pid, error log, temp files, all named after ``name``) under workdir; as root,
+    `user root` so the worker can read the benchmark's files.
 
     `daemon off;` is not written here: it is passed with -g on the command line, and
     nginx rejects a directive given twice.
     """
     user = "user root;\n" if os.geteuid() == 0 else ""
     rlimit = f"worker_rlimit_nofile {rlimit_nofile};\n" if rlimit_nofile else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(f"    {kind}_temp_path {workdir / (name + '_' + kind)};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""{user}worker_processes 1;
+{rlimit}pid {workdir / (name + '.pid')};
+error_log {workdir / (name + '_error.log')} warn;
+
+events {{
+    worker_connections {worker_connections};
+}}
+
+http {{
+{temp}
+{http}
+}}
+"""
+
+
+def write_nginx_conf(path: Path, workdir: Path, root: Path, plain_port: int,
+                     gzip_port: int | None = None, worker_connections: int = 4096,
+                     rlimit_nofile: int | None = None,
+                     gzip_static_port: int | None = None) -> None:
+    """A minimal nginx.conf for static files (nginx_conf), with a gzip and a gzip_static
+    server on ports of their own when asked for."""
     gzip_server = ""
     if gzip_port is not None:
         # text/html is always in gzip_types; naming it again only makes nginx warn
@@ -273,16 +293,7 @@ def write_nginx_conf(path: Path, workdir: Path, root: Path, plain_port: int,
         root {root};
         gzip_static on;
     }}"""
-    path.write_text(f"""{user}worker_processes 1;
-{rlimit}pid {workdir / 'nginx.pid'};
-error_log {workdir / 'nginx_error.log'} warn;
-
-events {{
-    worker_connections {worker_connections};
-}}
-
-http {{
-    types {{
+    path.write_text(nginx_conf(workdir, f"""    types {{
         text/html html;
         text/plain txt;
         application/octet-stream bin;
@@ -293,14 +304,11 @@ http {{
     tcp_nopush on;
     keepalive_requests 1000000;
     keepalive_timeout 75;
-{temp}
 
     server {{
         listen 127.0.0.1:{plain_port};
         root {root};
-    }}{gzip_server}
-}}
-""")
+    }}{gzip_server}""", worker_connections=worker_connections, rlimit_nofile=rlimit_nofile))
 
 
 def start_nginx(conf: Path, workdir: Path, cpus: set[int] | None = None) -> Server:

@@ -98,25 +98,14 @@ def configs(work: Path, root: Path, chosen: list[Variant]) -> tuple[dict[str, in
         root {root};
         {v.nginx}
     }}""" for v in chosen)
-    user = "user root;\n" if h.os.geteuid() == 0 else ""
-    temp = "\n".join(f"    {k}_temp_path {work / ('nginx_' + k)};"
-                     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (work / "nginx.conf").write_text(f"""{user}worker_processes 1;
-pid {work / 'nginx.pid'};
-error_log {work / 'nginx_error.log'} warn;
-events {{ worker_connections 4096; }}
-http {{
-    default_type application/octet-stream;
+    (work / "nginx.conf").write_text(h.nginx_conf(work, f"""    default_type application/octet-stream;
     access_log off;
     limit_req_zone $binary_remote_addr zone=bench:10m rate=1000000r/s;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
     keepalive_timeout 75;
-{temp}
-{blocks}
-}}
-""")
+{blocks}"""))
     return exp_ports, ngx_ports
 
 

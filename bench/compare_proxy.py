@@ -111,27 +111,12 @@ NGINX_FIELDS = {
 
 def write_nginx_proxy_conf(path: Path, workdir: Path, port: int, upstream_port: int,
                            fields: str = "same") -> None:
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     # keepalive_requests in the upstream block: nginx closes a pooled connection after
     # 1000 requests by default; the upstream allows 1000000 and expserver has no such
     # limit, so it is raised to the same figure (it changes nginx's result by ~0.1%).
-    path.write_text(f"""{user}worker_processes 1;
-pid {workdir / 'nginx.pid'};
-error_log {workdir / 'nginx_error.log'} warn;
-worker_rlimit_nofile 20000;
-
-events {{
-    worker_connections 8192;
-}}
-
-http {{
-    access_log off;
+    path.write_text(h.nginx_conf(workdir, f"""    access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 75;
-{temp}
 
     upstream u {{
         server 127.0.0.1:{upstream_port};
@@ -146,9 +131,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";{NGINX_FIELDS[fields]}
         }}
-    }}
-}}
-""")
+    }}""", worker_connections=8192, rlimit_nofile=20000))
 
 
 def write_expserver_proxy_config(path: Path, port: int, upstream_port: int) -> None:

@@ -194,11 +194,6 @@ def write_nginx_conf(path: Path, workdir: Path, root: Path, ports: dict[str, int
     access log records whether each handshake resumed a session. The probe is used only
     before the runs, to check what the load tools offer; the measured servers log nothing.
     """
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    rlimit = f"worker_rlimit_nofile {rlimit_nofile};\n" if rlimit_nofile else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     probe_server = ""
     if probe:
         probe_server = f"""
@@ -207,16 +202,7 @@ def write_nginx_conf(path: Path, workdir: Path, root: Path, ports: dict[str, int
         root {root};
         access_log {workdir / 'nginx_probe.log'} probe;
     }}"""
-    path.write_text(f"""{user}worker_processes 1;
-{rlimit}pid {workdir / 'nginx.pid'};
-error_log {workdir / 'nginx_error.log'} warn;
-
-events {{
-    worker_connections {worker_connections};
-}}
-
-http {{
-    types {{
+    path.write_text(h.nginx_conf(workdir, f"""    types {{
         text/plain txt;
         application/octet-stream bin;
     }}
@@ -226,7 +212,6 @@ http {{
     tcp_nopush on;
     keepalive_requests 1000000;
     keepalive_timeout 75;
-{temp}
     ssl_certificate {cert};
     ssl_certificate_key {key};
     ssl_session_cache shared:SSL:10m;
@@ -242,9 +227,7 @@ http {{
     server {{
         listen 127.0.0.1:{ports['nginx_tls']} ssl;
         root {root};
-    }}{probe_server}
-}}
-""")
+    }}{probe_server}""", worker_connections=worker_connections, rlimit_nofile=rlimit_nofile))
 
 
 def write_expserver_config(path: Path, root: Path, ports: dict[str, int], cert: Path,

@@ -149,10 +149,6 @@ def write_expserver_config(path: Path, root: Path, port: int, timeout: float,
 
 def write_nginx_conf(path: Path, workdir: Path, root: Path, port: int, timeout: float,
                      upstream_port: int | None) -> None:
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / ('nginx_' + kind)};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     secs = f"{max(1, round(timeout))}s"
     upload = "" if upstream_port is None else f"""
         location = /upload {{
@@ -160,17 +156,7 @@ def write_nginx_conf(path: Path, workdir: Path, root: Path, port: int, timeout: 
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}"""
-    path.write_text(f"""{user}worker_processes 1;
-pid {workdir / 'nginx.pid'};
-error_log {workdir / 'nginx_error.log'} warn;
-worker_rlimit_nofile 20000;
-
-events {{
-    worker_connections 8192;
-}}
-
-http {{
-    types {{
+    path.write_text(h.nginx_conf(workdir, f"""    types {{
         text/html html;
         application/octet-stream bin;
     }}
@@ -181,14 +167,11 @@ http {{
     client_header_timeout {secs};
     client_body_timeout {secs};
     send_timeout {secs};
-{temp}
 
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         root {root};{upload}
-    }}
-}}
-""")
+    }}""", worker_connections=8192, rlimit_nofile=20000))
 
 
 def serving_pid(server: h.Server) -> int:

@@ -24,7 +24,6 @@ for byte against a direct one.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import socket
@@ -75,25 +74,10 @@ def write_conf(path: Path, workdir: Path, port: int, size: int = DEFAULT_SIZE,
             stub_status;
         }}
     }}"""
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / ('upstream_' + kind)};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    path.write_text(f"""{user}worker_processes 1;
-pid {workdir / 'upstream.pid'};
-error_log {workdir / 'upstream_error.log'} warn;
-worker_rlimit_nofile 20000;
-
-events {{
-    worker_connections 8192;
-}}
-
-http {{
-    default_type application/octet-stream;
+    path.write_text(h.nginx_conf(workdir, f"""    default_type application/octet-stream;
     access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 75;
-{temp}
 
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -103,9 +87,7 @@ http {{
         location = /upload {{
             proxy_pass http://127.0.0.1:{port}/;
         }}
-    }}{status}
-}}
-""")
+    }}{status}""", name="upstream", worker_connections=8192, rlimit_nofile=20000))
     return data
 
 
