@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -237,6 +238,21 @@ def process_name(pid: int) -> str:
 
 
 # --------------------------------------------------------------------------- configs
+
+
+def machine() -> dict[str, object]:
+    """What a benchmark's JSON says of the machine it ran on."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": sys.version.split()[0],
+            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def nginx_conf(workdir: Path, http: str, *, name: str = "nginx", worker_connections: int = 4096,

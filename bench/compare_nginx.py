@@ -29,7 +29,6 @@ import gzip
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -312,19 +311,10 @@ def cpu_busy(interval: float = 1.0) -> float:
 
 
 def environment(args: argparse.Namespace, pinned: bool) -> dict[str, object]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nginx": h.tool_version([h.nginx_binary(), "-v"]),
         "wrk": h.tool_version(["wrk", "--version"]),
-        "cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-        "python": sys.version.split()[0], "duration_s": args.duration,
+        **h.machine(), "duration_s": args.duration,
         "rounds": args.rounds, "aggregate": "best round per server (max req/s, its p99)",
         "pinned": pinned, "expserver_cmd": args.expserver_cmd,
         "cpu_busy_at_start": round(cpu_busy(), 3),

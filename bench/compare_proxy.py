@@ -30,7 +30,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -300,25 +299,15 @@ def fmt_table(results: list[Result], proxy_has_own_cpu: bool = True) -> str:
 
 
 def environment(args: argparse.Namespace, cpus: dict[str, set[int] | None]) -> dict[str, object]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nginx": h.tool_version([h.nginx_binary(), "-v"]),
         "wrk": h.tool_version(["wrk", "--version"]),
-        "cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-        "python": sys.version.split()[0], "duration_s": args.duration,
+        **h.machine(), "duration_s": args.duration,
         "rounds": args.rounds, "aggregate": "best round per proxy (max req/s, its p99)",
         "pin": args.pin, "affinity": {k: sorted(v) if v else None for k, v in cpus.items()},
         "upstream": "nginx, 1 worker, return 200 with a 1024-byte body (upstream_server.py)",
         "upstream_keepalive": UPSTREAM_KEEPALIVE, "expserver_cmd": args.expserver_cmd,
         "nginx_fields": args.nginx_fields,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "cpu_busy_at_start": round(cn.cpu_busy(), 3),
     }
 

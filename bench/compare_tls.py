@@ -36,7 +36,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -461,14 +460,6 @@ def fmt_table(results: list[Result]) -> str:
 
 
 def environment(args: argparse.Namespace, pinned: bool, cert_kind: str) -> dict[str, object]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     nginx_v = subprocess.run([h.nginx_binary(), "-V"], capture_output=True, text=True)
     built = re.search(r"built with (OpenSSL [^\n]*)", nginx_v.stderr)
     return {
@@ -478,11 +469,9 @@ def environment(args: argparse.Namespace, pinned: bool, cert_kind: str) -> dict[
         "wrk": h.tool_version(["wrk", "--version"]),
         "ab": h.tool_version(["ab", "-V"]),
         "certificate": cert_kind, "protocols": PROTOCOLS[args.protocol],
-        "cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-        "python": sys.version.split()[0], "duration_s": args.duration,
+        **h.machine(), "duration_s": args.duration,
         "rounds": args.rounds, "aggregate": "best round per server (max req/s, its p99)",
         "pinned": pinned, "expserver_cmd": args.expserver_cmd,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "cpu_busy_at_start": round(cn.cpu_busy(), 3),
     }
 
